@@ -1,0 +1,312 @@
+"""``CheersModel``: the whole of CHEERS assembled from one :class:`~cheers_pl.spec.CheersSpec`.
+
+Data flow for an image (paper size in brackets):
+
+    x (N,3,512,512) --VAE--> z1 (N,128,32,32);  z_t = t z1 + (1-t) z0
+    z_t --D--> pixels --S--> detail (N,1024,1152) --ViT--> features --projector--> (N,256,1536)
+
+The projected tokens replace the image placeholders of the token sequence; the LLM runs with the
+mixed mask; text loss on supervised positions; for generation images the LLM hidden states at
+their 256 positions go through the cascaded flow-matching head with the HFI detail of the same
+z_t, and the predicted velocity is regressed onto z1 - z0.
+
+Batch format (a dict), shared with the data module:
+    input_ids (B, L) long, attention_mask (B, L) bool (False = padding), labels (B, L) long
+    (-100 = unsupervised), images (N, 3, H, W) float in [0, 1] or absent: one per image span,
+    in reading order over the flattened batch. A span of ``<image>`` placeholders is an
+    understanding image (t = 1), of ``<image_gen>`` a generation image (t ~ U(0, 1)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cheers_pl import flow, registry
+from cheers_pl.components.llm import IGNORE, image_span_ids, mixed_attention_mask, positions_from_valid
+from cheers_pl.components.pixel_decoder import PixelDecoder
+from cheers_pl.components.processor import CheersProcessor
+from cheers_pl.components.semantic_encoder import SemanticEncoder
+from cheers_pl.spec import CheersSpec
+
+
+@dataclass
+class CheersOutput:
+    """Losses of one mixed batch. ``gate`` (n_gen, S, S) is the HFI map of each generation image."""
+
+    loss: Tensor
+    loss_text: Tensor
+    loss_fm: Tensor
+    num_text_tokens: Tensor
+    num_gen_images: int
+    num_und_images: int
+    gate: Tensor | None = None
+    t: Tensor | None = None
+
+
+@dataclass
+class GenerationOutput:
+    """``images`` (B,3,H,W) in [0,1]; ``latents`` (B,C,S,S) = z1; ``gates`` (steps,B,S,S); ``t`` (steps,)."""
+
+    images: Tensor
+    latents: Tensor
+    gates: Tensor | None = None
+    t: Tensor | None = None
+
+
+class CheersModel(nn.Module):
+    """CHEERS: unified vision tokenizer + Qwen2 LLM + cascaded flow-matching head."""
+
+    def __init__(self, spec: CheersSpec | None = None):
+        super().__init__()
+        spec = spec or CheersSpec()
+        resolved = spec.resolve()  # configs and size checks, before any weight exists
+        self.spec, self.resolved = spec, resolved
+        self.image_size, self.tokens_per_image = resolved.image_size, resolved.tokens_per_image
+        self.latent_channels, self.latent_side = resolved.latent_channels, resolved.latent_side
+
+        tokenizer = registry.get("tokenizer", spec.tokenizer.flavor).build(resolved.tokenizer)
+        if len(tokenizer) > resolved.llm.vocab_size:
+            raise ValueError(
+                f"spec sizes disagree: the tokenizer has {len(tokenizer)} tokens but llm.vocab_size="
+                f"{resolved.llm.vocab_size}"
+            )
+        self.processor = CheersProcessor(
+            tokenizer, self.tokens_per_image, spec.system_prompt, spec.cfg_dropout, spec.max_length
+        )
+
+        self.vae = registry.get("vae", spec.vae.flavor).build(resolved.vae)
+        vit = (
+            registry.get("semantic_encoder", spec.semantic_encoder.flavor)
+            .build(resolved.semantic_encoder)
+            .vit
+        )
+        self.semantic_encoder = SemanticEncoder(vit, spec.pixel_reconstruct, self.latent_channels)
+        self.pixel_decoder = PixelDecoder.from_vae(self.vae) if spec.pixel_reconstruct == "decode" else None
+        self.projector = registry.get("projector", spec.projector.flavor).build(resolved.projector)
+        self.llm = registry.get("llm", spec.llm.flavor).build(resolved.llm)
+        self.cfm_head = registry.get("cfm_head", spec.cfm_head.flavor).build(resolved.cfm_head)
+
+        p = self.processor
+        self.register_buffer("placeholder_ids", torch.tensor([p.image_id, p.image_gen_id]), persistent=False)
+
+    # -- shared pieces ------------------------------------------------------------------------
+    def check_images(self, images: Tensor) -> None:
+        """Raise naming the expected size unless images is (N, 3, image_size, image_size)."""
+        want = (3, self.image_size, self.image_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != want:
+            raise ValueError(
+                f"images must be (N, {want[0]}, {want[1]}, {want[2]}), got {tuple(images.shape)}"
+            )
+
+    def visual_tokens(self, z_t: Tensor) -> tuple[Tensor, Tensor]:
+        """z_t (N,C,S,S) -> (LLM tokens (N, tokens_per_image, H_llm), HFI detail (N, S*S, D_vit))."""
+        x = self.pixel_decoder(z_t) if self.pixel_decoder is not None else z_t
+        features, detail = self.semantic_encoder(x)
+        return self.projector(features), detail
+
+    def check_placeholders(self, input_ids: Tensor, n_images: int) -> None:
+        """Raise naming both counts unless the batch has ``tokens_per_image`` placeholders per image."""
+        n_slots = int(torch.isin(input_ids, self.placeholder_ids).sum())
+        if n_slots != n_images * self.tokens_per_image:
+            raise ValueError(
+                f"the batch has {n_slots} image placeholders ({n_slots / self.tokens_per_image:g} images of "
+                f"{self.tokens_per_image} tokens) but {n_images} images were given"
+            )
+
+    def place_images(self, input_ids: Tensor, tokens: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Embeddings (B,L,H) with the image placeholders replaced by ``tokens`` (N,T,H); and span ids."""
+        span = image_span_ids(input_ids, self.placeholder_ids, self.tokens_per_image)
+        embeds = self.llm.embed(input_ids)
+        if tokens is not None:
+            embeds = embeds.masked_scatter((span >= 0)[..., None], tokens.to(embeds.dtype))
+        return embeds, span
+
+    def image_is_generation(self, input_ids: Tensor, span: Tensor) -> Tensor:
+        """(N,) bool: which images of the batch are generation images (``<image_gen>`` spans)."""
+        first = input_ids[span >= 0].view(-1, self.tokens_per_image)[:, 0]
+        return first == self.processor.image_gen_id
+
+    # -- training ----------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> CheersOutput:
+        """Losses of a mixed batch (see the module docstring for the batch format)."""
+        input_ids, valid, labels = batch["input_ids"], batch["attention_mask"].bool(), batch["labels"]
+        images = batch.get("images")
+        n_img = 0 if images is None else images.shape[0]
+        self.check_placeholders(input_ids, n_img)
+        tokens = detail = None
+        if n_img:
+            self.check_images(images)
+            span = image_span_ids(input_ids, self.placeholder_ids, self.tokens_per_image)
+            is_gen = self.image_is_generation(input_ids, span)
+            z1 = self.vae.encode(images)
+            z0 = torch.randn(z1.shape, generator=generator, device=z1.device, dtype=z1.dtype)
+            t_gen = flow.sample_t(n_img, generator=generator, device=z1.device)
+            t = torch.where(is_gen, t_gen, torch.ones_like(t_gen))
+            tokens, detail = self.visual_tokens(flow.interpolate(z1, z0, t))
+        embeds, span = self.place_images(input_ids, tokens)
+        mask = mixed_attention_mask(span, span, valid)
+        hidden, _ = self.llm(embeds, mask, positions_from_valid(valid))
+        loss_text, n_text = self.llm.text_loss(hidden, labels.masked_fill(~valid, IGNORE))
+
+        loss_fm, gate, n_gen = hidden.sum() * 0.0, None, 0
+        if n_img and bool(is_gen.any()):
+            n_gen = int(is_gen.sum())
+            h_img = hidden[span >= 0].view(n_img, self.tokens_per_image, -1)
+            v, gate = self.cfm_head(h_img[is_gen], t[is_gen], detail[is_gen])
+            loss_fm = F.mse_loss(v.float(), flow.velocity_target(z1, z0)[is_gen].float())
+        loss = loss_text + self.spec.fm_weight * loss_fm
+        return CheersOutput(
+            loss, loss_text, loss_fm, n_text, n_gen, n_img - n_gen, gate, t if n_img else None
+        )
+
+    # -- generation ---------------------------------------------------------------------------
+    def _prompt_rows(self, prompts: list[str], cfg: bool) -> dict[str, Tensor]:
+        if not prompts:
+            raise ValueError("generate: the prompt list is empty")
+        rows = [self.processor.generation_prompt(p) for p in prompts]
+        if cfg:
+            rows += [self.processor.null_like(r) for r in rows]
+        return self.processor.collate([{"input_ids": r, "labels": r} for r in rows], padding_side="left")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        cfg_scale: float = 9.5,
+        steps: int = 80,
+        shift: float = 0.5,
+        seed: int | None = 0,
+        return_gates: bool = False,
+        last_dt: str = "released",
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> GenerationOutput:
+        """Text-to-image with Euler sampling and CFG (v = v_u + s (v_c - v_u); no CFG when s == 1).
+
+        The text prefix does not attend to the image, so its KV cache is computed once and reused at
+        every step (cropped back after each); D(z_t), SigLIP and the projector run once per step for
+        both CFG rows, and the two LLM rows are batched. ``use_cache=False`` recomputes the whole
+        sequence at every step (the reference the cached path is tested against).
+        """
+        device = self.placeholder_ids.device
+        t_grid, dt = flow.sampling_schedule(steps, shift, last_dt)
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        b, use_cfg = len(prompts), cfg_scale != 1.0
+        rows = {k: v.to(device) for k, v in self._prompt_rows(prompts, use_cfg).items()}
+        ids, valid = rows["input_ids"], rows["attention_mask"]
+        r, lp, n_tok = ids.shape[0], ids.shape[1], self.tokens_per_image
+        prefix_embeds = self.llm.embed(ids)
+        text_span = torch.full_like(ids, -1)
+        img_span = torch.zeros(r, n_tok, dtype=ids.dtype, device=device)
+        k_span, k_valid = (
+            torch.cat([text_span, img_span], 1),
+            torch.cat([valid, torch.ones_like(img_span).bool()], 1),
+        )
+        img_pos = valid.sum(-1, keepdim=True) + torch.arange(n_tok, device=device)
+        if use_cache:
+            prefix_mask = mixed_attention_mask(text_span, text_span, valid)
+            _, cache = self.llm(prefix_embeds, prefix_mask, positions_from_valid(valid), use_cache=True)
+            img_mask = mixed_attention_mask(img_span, k_span, k_valid)
+        else:
+            full_mask = mixed_attention_mask(k_span, k_span, k_valid)
+            full_pos = torch.cat([positions_from_valid(valid), img_pos], 1)
+
+        shape = (b, self.latent_channels, self.latent_side, self.latent_side)
+        z = torch.randn(shape, generator=generator, device=device)
+        gates: list[Tensor] = []
+
+        def velocity(z_t: Tensor, t: float, _: int) -> Tensor:
+            tokens, detail = self.visual_tokens(z_t)
+            if use_cfg:
+                tokens, detail = tokens.repeat(2, 1, 1), detail.repeat(2, 1, 1)
+            if use_cache:
+                hidden, _ = self.llm(tokens, img_mask, img_pos, cache=cache, use_cache=True)
+                cache.crop(-n_tok)
+            else:
+                hidden, _ = self.llm(torch.cat([prefix_embeds, tokens], 1), full_mask, full_pos)
+                hidden = hidden[:, lp:]
+            v, gate = self.cfm_head(hidden, torch.full((r,), t, device=device), detail)
+            if return_gates and gate is not None:
+                gates.append(gate[:b])
+            return flow.cfg_combine(v[:b], v[b:], cfg_scale) if use_cfg else v
+
+        z = flow.euler_sample(velocity, z, t_grid.to(device), dt)
+        images = self.vae.decode(z).clamp(0, 1)
+        gate_stack = torch.stack(gates) if gates else None
+        return GenerationOutput(images.float(), z, gate_stack, t_grid.float())
+
+    # -- understanding ------------------------------------------------------------------------
+    @torch.no_grad()
+    def answer(
+        self,
+        images: Tensor,
+        questions: list[str],
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 0.7,
+        top_k: int = 20,
+        top_p: float = 0.8,
+        generator: torch.Generator | None = None,
+    ) -> list[str]:
+        """Answer one question per image; images (B,3,H,W) in [0,1] at the model's image size.
+
+        Greedy by default (the released understanding evaluation); sampling uses temperature,
+        top-k and top-p. Decoding uses the KV cache; each row stops at ``<|im_end|>``.
+        """
+        self.check_images(images)
+        if len(questions) != images.shape[0]:
+            raise ValueError(f"answer: {images.shape[0]} images but {len(questions)} questions")
+        p, device = self.processor, self.placeholder_ids.device
+        rows = [p.answer_prompt(q, 1) for q in questions]
+        batch = p.collate([{"input_ids": x, "labels": x} for x in rows], padding_side="left")
+        ids, valid = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        self.check_placeholders(ids, images.shape[0])
+        tokens, _ = self.visual_tokens(self.vae.encode(images.to(device)))
+        embeds, span = self.place_images(ids, tokens)
+        hidden, cache = self.llm(
+            embeds, mixed_attention_mask(span, span, valid), positions_from_valid(valid), None, True
+        )
+        pos = valid.sum(-1, keepdim=True) - 1
+        stop = torch.tensor([p.chat_end_id, p.pad_id], device=device)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+        out: list[Tensor] = []
+        for _ in range(max_new_tokens):
+            logits = self.llm.logits(hidden[:, -1]).float()
+            nxt = _pick(logits, do_sample, temperature, top_k, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, p.pad_id), nxt)
+            out.append(nxt)
+            done |= torch.isin(nxt, stop)
+            if bool(done.all()):
+                break
+            valid = torch.cat([valid, torch.ones_like(done)[:, None]], 1)
+            pos = pos + 1
+            mask = valid[:, None, None, :]
+            hidden, cache = self.llm(self.llm.embed(nxt[:, None]), mask, pos, cache, True)
+        gen = torch.stack(out, 1) if out else ids.new_zeros(ids.shape[0], 0)
+        return [p.decode(_until(row, stop)) for row in gen]
+
+
+def _until(row: Tensor, stop: Tensor) -> Tensor:
+    hits = torch.isin(row, stop).nonzero()
+    return row[: int(hits[0])] if len(hits) else row
+
+
+def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float, generator) -> Tensor:
+    """Next token (B,) from logits (B, V): argmax, or temperature / top-k / top-p sampling."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / max(temperature, 1e-5)
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    sorted_p, order = probs.sort(-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p > top_p
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)

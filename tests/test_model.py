@@ -1,0 +1,146 @@
+"""CheersModel: mixed-batch losses, overfitting, the cached CFG sampler, answering, bad input."""
+
+import time
+
+import pytest
+import torch
+
+from cheers_pl.model import CheersModel
+from cheers_pl.smoke import mixed_batch, photo
+from cheers_pl.spec import CheersSpec, ComponentSpec
+from tests.helpers import randomize_zero_inits
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = CheersModel(CheersSpec.tiny())
+    randomize_zero_inits(m)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    return mixed_batch(model)
+
+
+def test_forward_reports_every_loss(model, batch):
+    out = model(batch, generator=torch.Generator().manual_seed(0))
+    assert out.num_gen_images == 1 and out.num_und_images == 1
+    assert out.loss_text > 0 and out.loss_fm > 0
+    torch.testing.assert_close(out.loss, out.loss_text + model.spec.fm_weight * out.loss_fm)
+    assert out.gate.shape == (1, model.latent_side, model.latent_side)
+    assert out.t[0] == 1.0 and 0 < out.t[1] < 1  # understanding at t = 1, generation sampled
+
+
+def test_gradients_reach_trainable_modules_and_not_the_vae(batch):
+    torch.manual_seed(0)
+    m = CheersModel(CheersSpec.tiny())
+    randomize_zero_inits(m)
+    m(batch).loss.backward()
+    assert all(p.grad is None for p in m.vae.parameters())
+    for name in ("pixel_decoder", "semantic_encoder", "projector", "llm", "cfm_head"):
+        grads = [
+            p.grad for n, p in getattr(m, name).named_parameters() if p.requires_grad and "head." not in n
+        ]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), name
+
+
+def test_tiny_model_overfits_one_mixed_batch(batch):
+    torch.manual_seed(0)
+    m = CheersModel(CheersSpec.tiny())
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+    first = last = None
+    for _ in range(40):
+        out = m(batch, generator=torch.Generator().manual_seed(0))  # the same t and noise every step
+        opt.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        first = first or (float(out.loss_text.detach()), float(out.loss_fm.detach()))
+        last = (float(out.loss_text.detach()), float(out.loss_fm.detach()))
+    assert last[0] < 0.2 * first[0], (first, last)
+    assert last[1] < 0.5 * first[1], (first, last)
+
+
+def test_cached_sampler_equals_full_recompute(model):
+    prompts = ["a cup of coffee", "a photo of a cat sitting"]  # different lengths: left padding
+    a = model.generate(prompts, cfg_scale=4.0, steps=3, seed=1, use_cache=True)
+    b = model.generate(prompts, cfg_scale=4.0, steps=3, seed=1, use_cache=False)
+    assert a.images.shape == (2, 3, model.image_size, model.image_size)
+    assert a.images.min() >= 0 and a.images.max() <= 1
+    torch.testing.assert_close(a.latents, b.latents, rtol=1e-4, atol=1e-5)
+
+
+def test_cfg_is_vu_plus_s_times_difference(model):
+    # one Euler step: z = z0 + dt * (v_u + s (v_c - v_u)) is affine in s
+    z = {
+        s: model.generate(["a cup of coffee"], cfg_scale=s, steps=1, seed=3).latents for s in (0.0, 1.0, 3.0)
+    }
+    torch.testing.assert_close(z[3.0] - z[1.0], 2 * (z[1.0] - z[0.0]), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(z[1.0], z[0.0])  # conditional and null prompts differ
+
+
+def test_generate_is_seeded_and_returns_gates(model):
+    a = model.generate(["a cat"], steps=2, seed=5, return_gates=True)
+    b = model.generate(["a cat"], steps=2, seed=5)
+    torch.testing.assert_close(a.images, b.images)
+    assert a.gates.shape == (2, 1, model.latent_side, model.latent_side) and b.gates is None
+
+
+def test_answer_is_greedy_and_padding_invariant(model):
+    img = torch.stack([photo("chelsea", model.image_size), photo("coffee", model.image_size)])
+    qs = ["What is this?", "What is in the picture, in a few words?"]
+    both = model.answer(img, qs, max_new_tokens=6)
+    alone = [model.answer(img[i : i + 1], [qs[i]], max_new_tokens=6)[0] for i in range(2)]
+    assert both == alone and all(isinstance(a, str) for a in both)
+
+
+def test_hfi_none_has_no_gate_and_latent_mode_has_no_decoder(batch):
+    m = CheersModel(CheersSpec.tiny(hfi="none"))
+    assert not any("hfi_gate.gate" in n for n, _ in m.named_parameters())
+    assert m(batch).gate is None
+    lat = CheersModel(CheersSpec.tiny(pixel_reconstruct="latent"))
+    assert lat.pixel_decoder is None and hasattr(lat.semantic_encoder, "latent_patch_embedding")
+    assert torch.isfinite(lat(batch).loss)
+
+
+def test_bad_images_are_refused_with_the_numbers(model, batch):
+    bad = dict(batch, images=torch.rand(2, 3, 24, 24))
+    with pytest.raises(ValueError, match="32, 32"):
+        model(bad)
+    with pytest.raises(ValueError, match="1 images were given"):
+        model(dict(batch, images=batch["images"][:1]))
+    with pytest.raises(ValueError, match="empty"):
+        model.generate([])
+
+
+def test_bad_specs_fail_before_any_weight_is_built():
+    start = time.perf_counter()
+    bad = CheersSpec.paper(cfm_head=ComponentSpec("paper", overrides={"width_a": 1152}))
+    with pytest.raises(ValueError, match="cfm_head.width_a=1152 but llm.hidden_size=1536"):
+        CheersModel(bad)
+    assert time.perf_counter() - start < 5  # a paper-size build would take far longer
+    with pytest.raises(ValueError, match=r"hfi='off'.*\['gated', 'none'\]"):
+        CheersSpec.tiny(hfi="off")
+    with pytest.raises(KeyError, match="valid flavors"):
+        CheersModel(CheersSpec.tiny(llm=ComponentSpec("huge")))
+
+
+def test_stage_i_start_from_three_pretrained_folders(tmp_path, model):
+    model.llm.model.save_pretrained(tmp_path / "qwen")
+    model.processor.tokenizer.save_pretrained(tmp_path / "qwen")
+    model.semantic_encoder.vit.save_pretrained(tmp_path / "siglip")
+    model.vae.vae.save_pretrained(tmp_path / "vae")
+    spec = CheersSpec.pretrained(str(tmp_path / "siglip"), str(tmp_path / "qwen"), str(tmp_path / "vae"))
+    spec.projector = spec.cfm_head = ComponentSpec("tiny")
+    loaded = CheersModel(spec)
+    for name in ("llm", "semantic_encoder", "vae"):
+        ref = getattr(model, name).state_dict()
+        got = getattr(loaded, name).state_dict()
+        assert set(ref) == set(got)
+        assert all(torch.equal(ref[k], got[k]) for k in ref), name
+    assert loaded.processor.image_gen_id == model.processor.image_gen_id
+    # D starts as a copy of the frozen VAE decoder
+    torch.testing.assert_close(loaded.pixel_decoder.decoder.state_dict(), loaded.vae.vae.decoder.state_dict())
