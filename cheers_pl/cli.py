@@ -1,0 +1,57 @@
+"""The ``cheers`` command (also ``python -m cheers_pl``): thin subcommands over plain functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cheers_pl import __version__
+
+
+def cmd_flavors(args: argparse.Namespace) -> int:
+    """Print every component kind and its flavors."""
+    from cheers_pl import registry
+
+    for kind in registry.kinds():
+        names = ", ".join(
+            f"{name} ({f.doc})" if f.doc else name for name, f in registry.COMPONENTS[kind].items()
+        )
+        print(f"{kind:18s} {names}")
+    return 0
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    """Build a tiny CheersModel, train one step, generate an image and answer a question."""
+    from cheers_pl.smoke import run_smoke
+
+    report = run_smoke(steps=args.steps, seed=args.seed, out=args.out)
+    for key, value in report.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cheers", description="CHEERS experiment kit (PyTorch Lightning).")
+    parser.add_argument("--version", action="version", version=f"cheers-pl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("flavors", help="list component kinds and their flavors")
+    p.set_defaults(func=cmd_flavors)
+    p = sub.add_parser("smoke", help="tiny model on CPU: train steps, generate, answer")
+    p.add_argument("--steps", type=int, default=2, help="optimiser steps on one fixed batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the generated image as PNG here")
+    p.set_defaults(func=cmd_smoke)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""The `cheers` command: help, flavors, and the tiny smoke run (train, generate, answer)."""
+
+import subprocess
+import sys
+
+from PIL import Image
+
+from cheers_pl.cli import main
+
+
+def test_python_dash_m_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "cheers_pl", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "flavors" in out.stdout and "smoke" in out.stdout
+
+
+def test_flavors_lists_every_kind(capsys):
+    assert main(["flavors"]) == 0
+    text = capsys.readouterr().out
+    for kind in ("vae", "semantic_encoder", "llm", "cfm_head", "tokenizer"):
+        assert kind in text
+
+
+def test_smoke_trains_generates_and_answers(tmp_path, capsys):
+    png = tmp_path / "image.png"
+    assert main(["smoke", "--steps", "2", "--out", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "losses:" in text and "answer:" in text
+    assert Image.open(png).size == (32, 32)
