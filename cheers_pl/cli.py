@@ -20,6 +20,23 @@ def cmd_flavors(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    """Resolve a preset spec, build it on the meta device (no memory) and print its sizes."""
+    import torch
+
+    from cheers_pl.model import CheersModel, parameter_summary
+    from cheers_pl.spec import CheersSpec
+
+    spec = getattr(CheersSpec, args.preset)(hfi=args.hfi, pixel_reconstruct=args.pixel_reconstruct)
+    with torch.device("meta"):
+        model = CheersModel(spec)
+    side, channels, n = model.latent_side, model.latent_channels, model.tokens_per_image
+    print(f"image {model.image_size}px -> z1 ({channels}, {side}, {side}); {n} LLM tokens")
+    for name, total, trainable in parameter_summary(model):
+        print(f"{name:18s} {total:>15,d} params  {trainable:>15,d} trainable")
+    return 0
+
+
 def cmd_smoke(args: argparse.Namespace) -> int:
     """Build a tiny CheersModel, train one step, generate an image and answer a question."""
     from cheers_pl.smoke import run_smoke
@@ -36,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("flavors", help="list component kinds and their flavors")
     p.set_defaults(func=cmd_flavors)
+    p = sub.add_parser("info", help="parameter counts and sizes of a preset (built on the meta device)")
+    p.add_argument("--preset", choices=["tiny", "paper"], default="paper")
+    p.add_argument("--hfi", choices=["gated", "none"], default="gated")
+    p.add_argument("--pixel-reconstruct", choices=["decode", "latent"], default="decode")
+    p.set_defaults(func=cmd_info)
     p = sub.add_parser("smoke", help="tiny model on CPU: train steps, generate, answer")
     p.add_argument("--steps", type=int, default=2, help="optimiser steps on one fixed batch")
     p.add_argument("--seed", type=int, default=0)

@@ -168,6 +168,11 @@ class CheersModel(nn.Module):
         if not prompts:
             raise ValueError("generate: the prompt list is empty")
         rows = [self.processor.generation_prompt(p) for p in prompts]
+        for prompt, row in zip(prompts, rows, strict=True):
+            if bool(torch.isin(row, self.placeholder_ids.cpu()).any()):
+                raise ValueError(
+                    f"generate: prompt {prompt!r} holds an image marker; text-to-image takes text only"
+                )
         if cfg:
             rows += [self.processor.null_like(r) for r in rows]
         return self.processor.collate([{"input_ids": r, "labels": r} for r in rows], padding_side="left")
@@ -310,3 +315,12 @@ def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int, top_p
     sorted_p = sorted_p.masked_fill(drop, 0.0)
     choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
     return order.gather(-1, choice).squeeze(-1)
+
+
+def parameter_summary(model: nn.Module) -> list[tuple[str, int, int]]:
+    """(child name, parameters, trainable parameters) for each top-level child of ``model``."""
+    rows = []
+    for name, child in model.named_children():
+        params = list(child.parameters())
+        rows.append((name, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)))
+    return rows

@@ -28,3 +28,10 @@ def test_smoke_trains_generates_and_answers(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "losses:" in text and "answer:" in text
     assert Image.open(png).size == (32, 32)
+
+
+def test_info_prints_paper_sizes_without_allocating(capsys):
+    assert main(["info", "--preset", "paper"]) == 0
+    text = capsys.readouterr().out
+    assert "256 LLM tokens" in text
+    assert "1,543,714,304" in text and "428,772,800" in text

@@ -144,3 +144,19 @@ def test_stage_i_start_from_three_pretrained_folders(tmp_path, model):
     assert loaded.processor.image_gen_id == model.processor.image_gen_id
     # D starts as a copy of the frozen VAE decoder
     torch.testing.assert_close(loaded.pixel_decoder.decoder.state_dict(), loaded.vae.vae.decoder.state_dict())
+
+
+def test_generate_refuses_image_markers_in_prompts(model):
+    with pytest.raises(ValueError, match="image marker"):
+        model.generate(["<image>\nmake it blue"], steps=1)
+
+
+def test_paper_model_assembles_on_meta_with_the_published_sizes():
+    with torch.device("meta"):
+        m = CheersModel(CheersSpec.paper())
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(m.llm) == 1_543_714_304 and count(m.semantic_encoder) == 428_772_800
+    assert count(m.pixel_decoder) == count(m.vae.vae.decoder) + count(m.vae.vae.post_quant_conv)
+    assert m.tokens_per_image == 256 and m.processor.image_id == 151665
+    frozen = {n.split(".")[0] for n, p in m.named_parameters() if not p.requires_grad}
+    assert frozen == {"vae", "semantic_encoder"}  # the VAE, and SigLIP's unused pooling head

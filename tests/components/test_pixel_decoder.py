@@ -31,3 +31,12 @@ def test_gradients_reach_the_input():
     z = torch.randn(1, 16, 8, 8, requires_grad=True)
     d(z).sum().backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_pretrained_flavor_copies_the_saved_vae_decoder(tmp_path):
+    torch.manual_seed(0)
+    vae = registry.build("vae", "tiny")
+    vae.vae.save_pretrained(tmp_path / "vae")
+    d = registry.build("pixel_decoder", "pretrained", path=str(tmp_path / "vae"))
+    z = torch.randn(1, vae.latent_channels, 8, 8)
+    torch.testing.assert_close(d(z), vae.decode(z))
