@@ -10,8 +10,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 
 @dataclass(frozen=True)
 class Flavor:
@@ -19,15 +17,15 @@ class Flavor:
 
     Attributes:
         config: ``config(**overrides) -> cfg``; reads at most a JSON file, never weights.
-        build: ``build(cfg) -> nn.Module``; allocates (or loads) the weights.
+        build: ``build(cfg) -> nn.Module`` (a tokenizer for the tokenizer kind); allocates or loads weights.
         doc: one line for ``--help`` and error messages.
     """
 
     config: Callable[..., Any]
-    build: Callable[[Any], nn.Module]
+    build: Callable[[Any], Any]
     doc: str = ""
 
-    def __call__(self, **overrides: Any) -> nn.Module:
+    def __call__(self, **overrides: Any) -> Any:
         return self.build(self.config(**overrides))
 
 

@@ -174,16 +174,17 @@ def _pretrained_config(path: str, attn_implementation: str = "sdpa") -> Qwen2Con
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"llm: no config.json in {folder} (expected a Qwen2.5 folder)")
     cfg = Qwen2Config.from_pretrained(folder)
-    cfg._cheers_path = str(folder)
+    cfg.name_or_path = str(folder)  # the standard field; _build loads weights from it
     cfg._attn_implementation = attn_implementation
     return cfg
 
 
 def _build(cfg: Qwen2Config) -> CheersLLM:
-    path = getattr(cfg, "_cheers_path", None)
-    if path is None:
+    """Random weights for a config made from scratch; the folder's weights for one read from a folder."""
+    if not cfg.name_or_path:
         return CheersLLM(Qwen2ForCausalLM(cfg))
-    return CheersLLM(Qwen2ForCausalLM.from_pretrained(path, attn_implementation=cfg._attn_implementation))
+    model = Qwen2ForCausalLM.from_pretrained(cfg.name_or_path, attn_implementation=cfg._attn_implementation)
+    return CheersLLM(model)
 
 
 FLAVORS = {

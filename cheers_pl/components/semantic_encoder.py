@@ -111,13 +111,14 @@ def _pretrained_config(path: str) -> SiglipVisionConfig:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"semantic_encoder: no config.json in {folder} (expected a SigLIP2 folder)")
     cfg = SiglipVisionConfig.from_pretrained(folder)
-    cfg._cheers_path = str(folder)
+    cfg.name_or_path = str(folder)  # the standard field; _build loads weights from it
     return cfg
 
 
 def _build(cfg: SiglipVisionConfig) -> SemanticEncoder:
-    path = getattr(cfg, "_cheers_path", None)
-    vit = SiglipVisionModel(cfg) if path is None else SiglipVisionModel.from_pretrained(path)
+    """Random weights for a config made from scratch; the folder's weights for one read from a folder."""
+    path = cfg.name_or_path
+    vit = SiglipVisionModel.from_pretrained(path) if path else SiglipVisionModel(cfg)
     return SemanticEncoder(vit)
 
 
