@@ -1,0 +1,1 @@
+"""Data: the sample schema, image decoding, resumable WebDataset streams, mixtures, the DataModule."""
