@@ -1,0 +1,301 @@
+"""The bundled demo set, made offline from real images that ship inside packages.
+
+Photos: 17 of scikit-image's ``skimage.data`` images, stored as PNG with the shorter side
+downscaled to 128 px (grayscale ones stay grayscale). Digits: scikit-learn's ``load_digits()``
+(8x8, ink 0..16) scaled to 0..255 and upscaled to 64x64 (nearest neighbour), white on black; the
+first ``--digits`` of the 1797. Written to three folders, each with its own shards and manifest:
+
+- ``understanding/``: per photo a captioning question, a question about it and "is it in colour?";
+  per digit "What digit is this?" and "Describe the image.";
+- ``generation/``: per photo and per digit, its caption -> the image;
+- ``text/``: ``--texts`` chats: arithmetic (some two-round, with a system prompt), digit and
+  colour facts;
+
+plus ``manifest.json`` over all three. The output is deterministic: the same shards, byte for
+byte, on every run (tar members carry a fixed time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cheers_pl.data.schema import IMAGE, IMAGE_GEN, Sample
+from data_recipes.common import add_output_arguments, caption_question, recipe_main, sink_from_args
+from data_recipes.writer import MANIFEST, ShardSink, prepare_out_dir
+
+MTIME = 1735689600  # 2025-01-01T00:00:00Z, the time stamp of every tar member
+TASK_FOLDERS = ("understanding", "generation", "text")
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+# skimage.data name -> (caption, (question, answer))
+PHOTOS = {
+    "astronaut": (
+        "a portrait of an astronaut in an orange spacesuit next to an American flag",
+        ("What is the person wearing?", "An orange spacesuit."),
+    ),
+    "coffee": (
+        "a cup of coffee on a red saucer with a spoon, on a wooden table",
+        ("What drink is in the cup?", "Coffee."),
+    ),
+    "chelsea": ("a photo of a tabby cat", ("What animal is this?", "It is a cat, a tabby.")),
+    "rocket": (
+        "a rocket on its launch pad at dusk between tall towers",
+        ("What stands on the launch pad?", "A rocket."),
+    ),
+    "horse": (
+        "a black silhouette of a horse on a white background",
+        ("What animal is shown?", "A horse, as a black silhouette."),
+    ),
+    "camera": (
+        "a black-and-white photo of a man filming with a camera on a tripod",
+        ("What is the man doing?", "He is looking through a camera on a tripod."),
+    ),
+    "coins": (
+        "old coins laid out in rows on a dark background",
+        ("What objects are in the image?", "Old coins, arranged in rows."),
+    ),
+    "moon": (
+        "a grayscale close-up of the cratered surface of the moon",
+        ("What surface is this?", "The surface of the moon."),
+    ),
+    "text": (
+        "handwritten mathematical formulas on a sheet of paper",
+        ("What is written on the paper?", "Mathematical formulas, by hand."),
+    ),
+    "page": (
+        "a scanned page of a text about region-based segmentation",
+        ("What is the title of the page?", "Region-based segmentation."),
+    ),
+    "hubble_deep_field": (
+        "a deep-field telescope image of many small galaxies on a black sky",
+        ("What are the bright spots?", "Distant galaxies."),
+    ),
+    "immunohistochemistry": (
+        "a microscope image of tissue stained brown and blue",
+        ("What kind of image is this?", "A stained tissue sample under a microscope."),
+    ),
+    "colorwheel": (
+        "a colour wheel with every hue around a white centre, on black",
+        ("What colour is at the centre?", "White."),
+    ),
+    "retina": (
+        "a photo of the retina at the back of a human eye, with its blood vessels",
+        ("Which organ is shown?", "An eye: its retina."),
+    ),
+    "brick": ("a grayscale texture of a brick wall", ("What is the wall made of?", "Bricks.")),
+    "grass": ("a grayscale texture of grass seen from above", ("What plant covers the ground?", "Grass.")),
+    "stereo_motorcycle": ("a red motorcycle parked in a garage", ("What colour is the motorcycle?", "Red.")),
+}
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """PNG encoding of ``img`` (deterministic)."""
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def load_photo(name: str) -> Image.Image:
+    """``skimage.data.<name>()`` as a PIL image (RGB or L) whose shorter side is 128 px."""
+    import skimage.data
+
+    arr = getattr(skimage.data, name)()
+    arr = arr[0] if isinstance(arr, tuple) else arr  # stereo_motorcycle: (left, right, disparity)
+    arr = (arr * 255).astype(np.uint8) if arr.dtype == bool else arr
+    img = Image.fromarray(arr)
+    scale = 128 / min(img.size)
+    return img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS)
+
+
+def digit_image(pixels: np.ndarray) -> Image.Image:
+    """An 8x8 digit (ink 0..16) -> a 64x64 grayscale image, white ink on black."""
+    gray = np.round(pixels * (255 / 16)).astype(np.uint8)
+    return Image.fromarray(gray, "L").resize((64, 64), Image.Resampling.NEAREST)
+
+
+def understanding(sample_id: str, question: str, answer: str, image: bytes, meta: dict) -> Sample:
+    """A one-round question about ``image``."""
+    turns = [{"role": "user", "content": f"{IMAGE}\n{question}"}, {"role": "assistant", "content": answer}]
+    return Sample(sample_id, "understanding", turns, [image], meta)
+
+
+def generation(sample_id: str, prompt: str, image: bytes, meta: dict) -> Sample:
+    """``prompt`` -> ``image``."""
+    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": IMAGE_GEN}]
+    return Sample(sample_id, "generation", turns, [image], meta)
+
+
+def photo_samples(name: str, image: bytes, is_colour: bool) -> Iterator[Sample]:
+    """The understanding and generation samples of one photo."""
+    caption, (question, answer) = PHOTOS[name]
+    sid, meta = f"photo-{name}", {"source": f"skimage.data.{name}"}
+    colour = "Yes, it is a colour image." if is_colour else "No, it is a grayscale image."
+    yield understanding(
+        f"{sid}-caption", caption_question(sid), caption[0].upper() + caption[1:] + ".", image, meta
+    )
+    yield understanding(f"{sid}-qa", question, answer, image, meta)
+    yield understanding(f"{sid}-colour", "Is this a colour image?", colour, image, meta)
+    yield generation(sid, caption, image, meta)
+
+
+def digit_samples(index: int, label: int, image: bytes) -> Iterator[Sample]:
+    """The understanding and generation samples of one handwritten digit."""
+    sid, meta = (
+        f"digit-{index:04d}",
+        {"source": "sklearn.datasets.load_digits", "index": index, "label": label},
+    )
+    caption = f"a handwritten digit {label} in white on black"
+    yield understanding(f"{sid}-qa", "What digit is this?", f"It is the digit {label}.", image, meta)
+    yield understanding(
+        f"{sid}-describe",
+        "Describe the image.",
+        f"A handwritten digit {label} in white on black.",
+        image,
+        meta,
+    )
+    yield generation(sid, caption, image, meta)
+
+
+def fact_chats() -> list[list[tuple[str, str]]]:
+    """Fixed one-round chats about digits and colours."""
+    mixes = [
+        ("red", "yellow", "orange"),
+        ("blue", "yellow", "green"),
+        ("red", "blue", "purple"),
+        ("red", "white", "pink"),
+        ("black", "white", "grey"),
+    ]
+    things = [
+        ("the sky on a clear day", "blue"),
+        ("fresh grass", "green"),
+        ("snow", "white"),
+        ("a ripe banana", "yellow"),
+        ("coal", "black"),
+        ("a ripe strawberry", "red"),
+    ]
+    chats = [
+        [("user", f"Which digit comes after {n}?"), ("assistant", f"The digit after {n} is {n + 1}.")]
+        for n in range(9)
+    ]
+    chats += [
+        [("user", f"Is {n} even or odd?"), ("assistant", f"{n} is {('even', 'odd')[n % 2]}.")]
+        for n in range(10)
+    ]
+    chats += [
+        [("user", f"How is the digit {n} written in words?"), ("assistant", f"It is written '{WORDS[n]}'.")]
+        for n in range(10)
+    ]
+    chats += [
+        [("user", f"What colour do you get by mixing {a} and {b} paint?"), ("assistant", f"You get {c}.")]
+        for a, b, c in mixes
+    ]
+    chats += [
+        [("user", f"What colour is {thing}?"), ("assistant", f"It is {colour}.")] for thing, colour in things
+    ]
+    return chats
+
+
+def arithmetic_chat(rng: random.Random, two_rounds: bool) -> list[tuple[str, str]]:
+    """A random sum, difference or product of small numbers (a second round adds one more)."""
+    a, b, op = rng.randint(0, 20), rng.randint(0, 20), rng.choice("+-*")
+    a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
+    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+    sign = {"+": "+", "-": "-", "*": "×"}[op]
+    turns = [("user", f"What is {a} {sign} {b}?"), ("assistant", f"{a} {sign} {b} = {value}.")]
+    if two_rounds:
+        turns = [("system", "You are a careful maths tutor. Answer briefly.")] + turns
+        turns += [("user", "And if you add 1 to that?"), ("assistant", f"{value} + 1 = {value + 1}.")]
+    return turns
+
+
+def text_samples(count: int) -> Iterator[Sample]:
+    """``count`` text-only samples: the fact chats, then arithmetic (every fifth one two-round)."""
+    rng, facts = random.Random(0), fact_chats()
+    for i in range(count):
+        turns = facts[i] if i < len(facts) else arithmetic_chat(rng, two_rounds=i % 5 == 0)
+        messages = [{"role": role, "content": content} for role, content in turns]
+        yield Sample(f"text-{i:04d}", "text", messages, [], {"source": "demo"})
+
+
+def photo_and_digit_samples(sink: ShardSink, digits: int) -> Iterator[Sample]:
+    """Every image sample, photos first; a photo that fails to load is counted on ``sink``."""
+    for name in PHOTOS:
+        try:
+            img = load_photo(name)
+        except Exception as err:  # a data file missing from this skimage must not stop the demo
+            sink.skip(f"photo-{name}", "unavailable", f"skimage.data.{name}: {type(err).__name__}: {err}")
+            continue
+        yield from photo_samples(name, png_bytes(img), img.mode == "RGB")
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    for i in range(min(digits, len(data.target))):
+        yield from digit_samples(i, int(data.target[i]), png_bytes(digit_image(data.images[i])))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo recipe's options."""
+    parser.add_argument("--digits", type=int, default=300, help="how many of the 1797 digits to use")
+    parser.add_argument("--texts", type=int, default=200, help="how many text-only chats to write")
+    add_output_arguments(parser, maxcount=50)
+
+
+def combine(manifests: dict[str, dict[str, Any]], prefix: str) -> dict[str, Any]:
+    """The top manifest: totals, and every folder's shards with paths relative to the top."""
+    tasks, skipped, repaired = Counter(), Counter(), Counter()
+    shards = []
+    for folder, m in manifests.items():
+        tasks.update(m["tasks"])
+        skipped.update(m["skipped"])
+        repaired.update(m["repaired"])
+        shards += [{**s, "file": f"{folder}/{s['file']}"} for s in m["shards"]]
+    return {
+        "recipe": "demo",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "prefix": prefix,
+        "samples": sum(tasks.values()),
+        "tasks": dict(sorted(tasks.items())),
+        "folders": {folder: f"{folder}/{MANIFEST}" for folder in manifests},
+        "shards": shards,
+        "skipped": dict(sorted(skipped.items())),
+        "skipped_examples": [e for m in manifests.values() for e in m["skipped_examples"]],
+        "repaired": dict(sorted(repaired.items())),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Write the demo set under ``args.out``; the top manifest."""
+    out = prepare_out_dir(args.out, args.prefix, args.overwrite)
+    with ExitStack() as stack:
+        sinks = {
+            t: stack.enter_context(sink_from_args(args, f"demo/{t}", out / t, mtime=MTIME))
+            for t in TASK_FOLDERS
+        }
+        for sample in photo_and_digit_samples(sinks["understanding"], args.digits):
+            sinks[sample.task].add(sample)
+        for sample in text_samples(args.texts):
+            sinks["text"].add(sample)
+    manifest = combine({task: sink.manifest for task, sink in sinks.items()}, args.prefix)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m data_recipes.demo --out DIR``."""
+    return recipe_main("demo", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
