@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format clean
+.PHONY: help setup test lint format clean bench-data
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ lint: setup ## ruff check and format check
 format: setup ## Apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+bench-data: setup ## Data loader samples/s beside the raw decode-and-resize rate (demo shards)
+	$(BIN)/python benchmarks/bench_data.py
 
 clean: ## Remove caches (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info

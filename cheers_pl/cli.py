@@ -47,12 +47,21 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data_commands(parser: argparse.ArgumentParser) -> None:
+    from data_recipes.cli import add_commands
+
+    add_commands(parser.add_subparsers(dest="recipe", metavar="RECIPE"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cheers", description="CHEERS experiment kit (PyTorch Lightning).")
     parser.add_argument("--version", action="version", version=f"cheers-pl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("flavors", help="list component kinds and their flavors")
     p.set_defaults(func=cmd_flavors)
+    p = sub.add_parser("data", help="build WebDataset shards from datasets (recipes)")
+    p.set_defaults(func=lambda _: p.print_help() or 0)
+    _add_data_commands(p)
     p = sub.add_parser("info", help="parameter counts and sizes of a preset (built on the meta device)")
     p.add_argument("--preset", choices=["tiny", "paper"], default="paper")
     p.add_argument("--hfi", choices=["gated", "none"], default="gated")
