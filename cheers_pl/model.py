@@ -30,7 +30,7 @@ from cheers_pl.components.llm import IGNORE, image_span_ids, mixed_attention_mas
 from cheers_pl.components.pixel_decoder import PixelDecoder
 from cheers_pl.components.processor import CheersProcessor
 from cheers_pl.components.semantic_encoder import SemanticEncoder
-from cheers_pl.spec import CheersSpec
+from cheers_pl.spec import CheersSpec, ResolvedSpec
 
 
 @dataclass
@@ -45,6 +45,8 @@ class CheersOutput:
     num_und_images: int
     gate: Tensor | None = None
     t: Tensor | None = None
+    text_loss_rows: Tensor | None = None  # (B,) summed token losses per sample, detached
+    text_count_rows: Tensor | None = None  # (B,) supervised tokens per sample
 
 
 @dataclass
@@ -55,6 +57,20 @@ class GenerationOutput:
     latents: Tensor
     gates: Tensor | None = None
     t: Tensor | None = None
+
+
+def build_processor(spec: CheersSpec, resolved: ResolvedSpec | None = None) -> CheersProcessor:
+    """The spec's tokenizer and processor alone (cheap: no model weights); checks the vocabulary fits."""
+    resolved = resolved or spec.resolve()
+    tokenizer = registry.get("tokenizer", spec.tokenizer.flavor).build(resolved.tokenizer)
+    if len(tokenizer) > resolved.llm.vocab_size:
+        raise ValueError(
+            f"spec sizes disagree: the tokenizer has {len(tokenizer)} tokens but llm.vocab_size="
+            f"{resolved.llm.vocab_size}"
+        )
+    return CheersProcessor(
+        tokenizer, resolved.tokens_per_image, spec.system_prompt, spec.cfg_dropout, spec.max_length
+    )
 
 
 class CheersModel(nn.Module):
@@ -68,15 +84,7 @@ class CheersModel(nn.Module):
         self.image_size, self.tokens_per_image = resolved.image_size, resolved.tokens_per_image
         self.latent_channels, self.latent_side = resolved.latent_channels, resolved.latent_side
 
-        tokenizer = registry.get("tokenizer", spec.tokenizer.flavor).build(resolved.tokenizer)
-        if len(tokenizer) > resolved.llm.vocab_size:
-            raise ValueError(
-                f"spec sizes disagree: the tokenizer has {len(tokenizer)} tokens but llm.vocab_size="
-                f"{resolved.llm.vocab_size}"
-            )
-        self.processor = CheersProcessor(
-            tokenizer, self.tokens_per_image, spec.system_prompt, spec.cfg_dropout, spec.max_length
-        )
+        self.processor = build_processor(spec, resolved)
 
         self.vae = registry.get("vae", spec.vae.flavor).build(resolved.vae)
         vit = (
@@ -150,7 +158,9 @@ class CheersModel(nn.Module):
         embeds, span = self.place_images(input_ids, tokens)
         mask = mixed_attention_mask(span, span, valid)
         hidden, _ = self.llm(embeds, mask, positions_from_valid(valid))
-        loss_text, n_text = self.llm.text_loss(hidden, labels.masked_fill(~valid, IGNORE))
+        loss_text, n_text, row_sums, row_counts = self.llm.text_loss(
+            hidden, labels.masked_fill(~valid, IGNORE)
+        )
 
         loss_fm, gate, n_gen = hidden.sum() * 0.0, None, 0
         if n_img and bool(is_gen.any()):
@@ -159,8 +169,9 @@ class CheersModel(nn.Module):
             v, gate = self.cfm_head(h_img[is_gen], t[is_gen], detail[is_gen])
             loss_fm = F.mse_loss(v.float(), flow.velocity_target(z1, z0)[is_gen].float())
         loss = loss_text + self.spec.fm_weight * loss_fm
+        t_out = t if n_img else None
         return CheersOutput(
-            loss, loss_text, loss_fm, n_text, n_gen, n_img - n_gen, gate, t if n_img else None
+            loss, loss_text, loss_fm, n_text, n_gen, n_img - n_gen, gate, t_out, row_sums, row_counts
         )
 
     # -- generation ---------------------------------------------------------------------------

@@ -113,20 +113,24 @@ class CheersLLM(nn.Module):
         )
         return out.last_hidden_state, out.cache if use_cache else None
 
-    def text_loss(self, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def text_loss(self, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Token-mean cross-entropy, LM head applied only on supervised positions.
 
         hidden (B, L, H), labels (B, L) aligned with the inputs (-100 = unsupervised); position i
-        predicts labels[i + 1]. Returns (loss, number of supervised tokens); loss is 0 (still in
-        the graph) when nothing is supervised.
+        predicts labels[i + 1]. Returns (loss, number of supervised tokens, per-row loss sums (B,),
+        per-row token counts (B,)); loss is 0 (still in the graph) when nothing is supervised.
         """
         target = labels[:, 1:]
         keep = target != IGNORE
         logits = self.lm_head(hidden[:, :-1][keep])
-        count = keep.sum()
+        count, row_counts = keep.sum(), keep.sum(-1)
         if logits.shape[0] == 0:
-            return hidden.sum() * 0.0, count
-        return F.cross_entropy(logits.float(), target[keep]), count
+            zero = hidden.sum() * 0.0
+            return zero, count, zero.detach().expand(hidden.shape[0]), row_counts
+        losses = F.cross_entropy(logits.float(), target[keep], reduction="none")
+        rows = keep.nonzero()[:, 0]
+        row_sums = torch.zeros(hidden.shape[0], device=losses.device).index_add_(0, rows, losses.detach())
+        return losses.mean(), count, row_sums, row_counts
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., H) -> (..., vocab) over the full vocabulary (decoding, not training)."""

@@ -108,12 +108,17 @@ def test_supervised_head_equals_full_head_loss(llm):
     labels[1, 9] = IGNORE
     valid = torch.ones_like(ids, dtype=torch.bool)
     hidden = run(llm, llm.embed(ids), ids, valid)
-    loss, count = llm.text_loss(hidden, labels)
+    loss, count, row_sums, row_counts = llm.text_loss(hidden, labels)
     full = llm.logits(hidden)[:, :-1].reshape(-1, llm.vocab_size)
     ref = F.cross_entropy(full.double(), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
     assert int(count) == int((labels[:, 1:] != IGNORE).sum())
-    none, zero = llm.text_loss(hidden, torch.full_like(labels, IGNORE))
+    per_token = F.cross_entropy(
+        full.double(), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="none"
+    )
+    torch.testing.assert_close(row_sums.double(), per_token.view(2, -1).sum(-1), rtol=1e-5, atol=1e-5)
+    assert row_counts.tolist() == (labels[:, 1:] != IGNORE).sum(-1).tolist()
+    none, zero, *_ = llm.text_loss(hidden, torch.full_like(labels, IGNORE))
     assert float(none.detach()) == 0.0 and int(zero) == 0 and none.requires_grad == hidden.requires_grad
 
 
