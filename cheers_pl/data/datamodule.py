@@ -23,6 +23,7 @@ resumed run sees exactly the samples an uninterrupted run would have seen next.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -78,6 +79,7 @@ class CheersDataModule(L.LightningDataModule):
         seed: seeds the shard order, the shuffle buffers, the mixing and CFG dropout.
         image_size: overrides the model's image size (normally taken from the model).
         cfg_dropout: overrides the model spec's CFG dropout rate.
+        root: folder that relative shard specs are relative to (URLs and absolute paths ignore it).
     """
 
     def __init__(
@@ -90,8 +92,10 @@ class CheersDataModule(L.LightningDataModule):
         seed: int = 0,
         image_size: int | None = None,
         cfg_dropout: float | None = None,
+        root: str | None = None,
     ):
         super().__init__()
+        self.root = root
         self.sources = {
             name: TaskSource(**cfg) if isinstance(cfg, dict) else cfg for name, cfg in tasks.items()
         }
@@ -117,14 +121,19 @@ class CheersDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None:
-            model = getattr(getattr(self.trainer, "lightning_module", None), "model", None)
-            if model is None:
+            module = getattr(self.trainer, "lightning_module", None)
+            if module is None or not hasattr(module, "processor"):
                 raise RuntimeError(
-                    "CheersDataModule needs a processor: train a CHEERS module, or call attach()"
+                    "CheersDataModule needs a processor: train a CHEERS stage, or call attach()"
                 )
-            self.attach(model.processor, model.image_size)
+            self.attach(module.processor, module.image_size)
         for src in self.sources.values():
-            src.shards = expand_shards(src.shards)
+            src.shards = expand_shards([self._rooted(spec) for spec in src.shards])
+
+    def _rooted(self, spec: str) -> str:
+        if self.root is None or "://" in spec or spec.startswith("pipe:") or Path(spec).is_absolute():
+            return spec
+        return str(Path(self.root) / spec)
 
     def dataset(self) -> MixtureDataset:
         if self.processor is None or self.image_size is None:

@@ -51,6 +51,8 @@ def expand_shards(specs: list[str] | str) -> list[str]:
                 if not found:
                     raise FileNotFoundError(f"shard pattern {item} matches no file")
                 out.extend(found)
+            elif not os.path.exists(item):
+                raise FileNotFoundError(f"shard {item} does not exist")
             else:
                 out.append(item)
     return out
