@@ -4,9 +4,14 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
+PRESET  ?= paper
+ARGS    ?=
+RUNS    ?= runs
+OVERLAY := $(if $(filter tiny,$(PRESET)),-c experiments/tiny.yaml,)
+STAGE_DATA := $(if $(filter tiny,$(PRESET)),data/demo/manifest.json,)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format clean bench-data
+.PHONY: help setup test lint format clean bench-data stage1 stage2 stage3 stage4 tb demo
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +35,24 @@ lint: setup ## ruff check and format check
 format: setup ## Apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+data/demo/manifest.json: | setup
+	$(BIN)/cheers data demo --out data/demo
+
+stage1: setup $(STAGE_DATA) ## Stage I alignment (PRESET=tiny: CPU, tiny, demo shards; ARGS= passed on)
+	$(BIN)/cheers fit -c experiments/stage1_alignment.yaml $(OVERLAY) --trainer.default_root_dir $(RUNS)/$(PRESET)/stage1 $(ARGS)
+
+stage2: setup $(STAGE_DATA) ## Stage II general pre-training, from stage I's last checkpoint
+	$(BIN)/cheers fit -c experiments/stage2_pretrain.yaml $(OVERLAY) --trainer.default_root_dir $(RUNS)/$(PRESET)/stage2 $(ARGS)
+
+stage3: setup $(STAGE_DATA) ## Stage III refined pre-training, from stage II's last checkpoint
+	$(BIN)/cheers fit -c experiments/stage3_refined.yaml $(OVERLAY) --trainer.default_root_dir $(RUNS)/$(PRESET)/stage3 $(ARGS)
+
+stage4: setup $(STAGE_DATA) ## Stage IV SFT, from stage III's last checkpoint
+	$(BIN)/cheers fit -c experiments/stage4_sft.yaml $(OVERLAY) --trainer.default_root_dir $(RUNS)/$(PRESET)/stage4 $(ARGS)
+
+tb: setup ## TensorBoard on the run folder (RUNS=runs)
+	$(BIN)/tensorboard --logdir $(RUNS)
 
 bench-data: setup ## Data loader samples/s beside the raw decode-and-resize rate (demo shards)
 	$(BIN)/python benchmarks/bench_data.py

@@ -53,10 +53,20 @@ def _add_data_commands(parser: argparse.ArgumentParser) -> None:
     add_commands(parser.add_subparsers(dest="recipe", metavar="RECIPE"))
 
 
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cheers", description="CHEERS experiment kit (PyTorch Lightning).")
+    epilog = (
+        "YAML runs: cheers fit -c experiments/stage1_alignment.yaml [-c experiments/tiny.yaml] (LightningCLI)"
+    )
+    parser = argparse.ArgumentParser(
+        prog="cheers", description="CHEERS experiment kit (PyTorch Lightning).", epilog=epilog
+    )
     parser.add_argument("--version", action="version", version=f"cheers-pl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in LIGHTNING_SUBCOMMANDS:
+        sub.add_parser(name, help=f"LightningCLI {name} (see `cheers {name} --help`)", add_help=False)
     p = sub.add_parser("flavors", help="list component kinds and their flavors")
     p.set_defaults(func=cmd_flavors)
     p = sub.add_parser("data", help="build WebDataset shards from datasets (recipes)")
@@ -76,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:  # YAML runs go to LightningCLI
+        from cheers_pl.lightning_cli import run
+
+        run(argv)
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -1,0 +1,178 @@
+"""``CheersModule``: the LightningModule every training stage shares.
+
+The shared step: a mixed batch -> ``L = L_AR + lambda * L_FM`` (the model computes both), with
+the losses, per-task text losses and sample counts and the HFI gate statistics logged:
+
+    train/loss, train/loss_text, train/loss_fm, train/loss_text/<task>, train/samples/<task>,
+    train/text_tokens, train/gen_images, hfi/gate_mean, hfi/gate_abs_mean, hfi/gate_std
+
+AdamW (weight decay 0) with a linear warm-up over ``warmup_ratio`` of the run, then a constant
+or cosine schedule (transformers' schedule functions). Gradient clipping (1.0) and bf16 mixed
+precision are Trainer settings in the experiment YAMLs. The CheersModel is built in
+``configure_model`` (so a config prints and a module instantiates without allocating weights);
+``init_from`` loads the previous stage's weights (weights only: new optimiser and schedule).
+Subclasses say what trains (``trains``) and their default learning rate and schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import torch
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+from cheers_pl.components.processor import CheersProcessor
+from cheers_pl.model import CheersModel, CheersOutput, build_processor
+from cheers_pl.spec import CheersSpec
+from cheers_pl.stages.weights import load_model_weights
+
+SCHEDULES = ("constant", "cosine")
+TRAINS = ("new", "all")
+
+
+class CheersModule(L.LightningModule):
+    """Trains a :class:`CheersModel`; see the module docstring.
+
+    Args:
+        spec: the model (components, modes); saved in the checkpoint's hyperparameters.
+        lr: peak learning rate after warm-up.
+        schedule: ``"constant"`` or ``"cosine"`` (to zero at ``max_steps``) after warm-up.
+        warmup_ratio: fraction of the run spent warming up linearly from 0.
+        weight_decay: AdamW weight decay (the paper: 0).
+        betas: AdamW betas.
+        init_from: a checkpoint of the previous stage whose model weights start this one.
+    """
+
+    trains: str = "all"
+
+    def __init__(
+        self,
+        spec: CheersSpec | None = None,
+        lr: float = 1e-4,
+        schedule: str = "constant",
+        warmup_ratio: float = 0.02,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        init_from: str | None = None,
+    ):
+        super().__init__()
+        spec = spec or CheersSpec()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r}; valid choices are {list(SCHEDULES)}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio={warmup_ratio} must be in [0, 1)")
+        if lr <= 0:
+            raise ValueError(f"lr={lr} must be > 0")
+        if self.trains not in TRAINS:
+            raise ValueError(
+                f"{type(self).__name__}.trains={self.trains!r}; valid choices are {list(TRAINS)}"
+            )
+        if init_from is not None:
+            init_from = os.path.normpath(init_from)  # "run/stage2/../stage1" before run/stage2 exists
+        if init_from is not None and not Path(init_from).is_file():
+            raise FileNotFoundError(f"init_from: no checkpoint at {init_from}")
+        self.resolved = spec.resolve()  # configs only: bad sizes, flavors and missing folders fail here
+        self.spec, self.lr, self.schedule, self.warmup_ratio = spec, lr, schedule, warmup_ratio
+        self.weight_decay, self.betas, self.init_from = weight_decay, tuple(betas), init_from
+        self.save_hyperparameters(ignore=["spec"])
+        self.hparams["spec"] = asdict(spec)
+        self.model: CheersModel | None = None
+        self._processor = None
+
+    @property
+    def processor(self) -> CheersProcessor:
+        """The model's processor, available before ``configure_model`` (the DataModule needs it at setup)."""
+        if self.model is not None:
+            return self.model.processor
+        if self._processor is None:
+            self._processor = build_processor(self.spec, self.resolved)
+        return self._processor
+
+    @property
+    def image_size(self) -> int:
+        return self.resolved.image_size
+
+    # -- model ---------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = CheersModel(self.spec)
+        if self.init_from is not None:
+            load_model_weights(self.model, self.init_from)
+        self.set_trainable()
+
+    def set_trainable(self) -> None:
+        """``trains="all"``: everything but the frozen VAE (and SigLIP's unused pooling head).
+        ``trains="new"`` (stage I): only the modules CHEERS adds, and the added tokens' embedding rows."""
+        m = self.model
+        m.requires_grad_(True)
+        m.vae.requires_grad_(False)
+        head = getattr(m.semantic_encoder.vit, "head", None)
+        if head is not None:
+            head.requires_grad_(False)
+        if self.trains == "all":
+            return
+        for module in (m.llm, m.semantic_encoder, m.pixel_decoder):
+            if module is not None:
+                module.requires_grad_(False)
+        if hasattr(m.semantic_encoder, "latent_patch_embedding"):  # new in the latent ablation
+            m.semantic_encoder.latent_patch_embedding.requires_grad_(True)
+        embedding = m.llm.model.get_input_embeddings().weight
+        embedding.requires_grad_(True)
+        rows = torch.zeros(embedding.shape[0], 1, dtype=embedding.dtype, device=embedding.device)
+        rows[sorted(self.new_token_ids())] = 1.0
+        embedding.register_hook(lambda grad: grad * rows.to(grad))  # lm_head is tied: same tensor
+
+    def new_token_ids(self) -> set[int]:
+        """Ids of the tokens CHEERS adds to the vocabulary."""
+        p = self.model.processor
+        return {p.image_id, p.image_gen_id, p.im_start_id, p.im_end_id, p.null_id}
+
+    # -- step ----------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch)
+        self.log_step(out, batch)
+        return out.loss
+
+    def log_step(self, out: CheersOutput, batch: dict) -> None:
+        b = batch["input_ids"].shape[0]
+        log = lambda name, value, **kw: self.log(name, value, batch_size=b, **kw)  # noqa: E731
+        log("train/loss", out.loss, prog_bar=True)
+        log("train/loss_text", out.loss_text)
+        log("train/loss_fm", out.loss_fm, prog_bar=True)
+        log("train/text_tokens", out.num_text_tokens.float())
+        log("train/gen_images", float(out.num_gen_images))
+        tasks = batch.get("tasks")
+        if tasks is not None:
+            for task, n in Counter(tasks).items():
+                log(f"train/samples/{task}", float(n))
+                rows = torch.tensor([t == task for t in tasks], device=out.text_count_rows.device)
+                count = out.text_count_rows[rows].sum()
+                if int(count) > 0:
+                    log(f"train/loss_text/{task}", out.text_loss_rows[rows].sum() / count)
+        if out.gate is not None:
+            g = out.gate.detach().float()
+            log("hfi/gate_mean", g.mean())
+            log("hfi/gate_abs_mean", g.abs().mean())
+            log("hfi/gate_std", g.std() if g.numel() > 1 else torch.zeros(()))
+
+    # -- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{type(self).__name__} trains nothing: every parameter is frozen")
+        opt = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        total = self.trainer.max_steps
+        if total is None or total < 1:
+            raise ValueError("set trainer.max_steps: the warm-up and cosine schedules are defined over it")
+        warmup = math.ceil(self.warmup_ratio * total)
+        if self.schedule == "cosine":
+            sched = get_cosine_schedule_with_warmup(opt, warmup, total)
+        else:
+            sched = get_constant_schedule_with_warmup(opt, warmup)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,192 @@
+"""Training stages: what trains, the LR schedule, stage hand-off, and every YAML through the CLI."""
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from cheers_pl.cli import main
+from cheers_pl.smoke import mixed_batch
+from cheers_pl.spec import CheersSpec
+from cheers_pl.stages import STAGES, AlignmentStage, PretrainStage, SFTStage
+from cheers_pl.stages.weights import read_state_dict
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+STAGE_FILES = {
+    "stage1": "stage1_alignment.yaml",
+    "stage2": "stage2_pretrain.yaml",
+    "stage3": "stage3_refined.yaml",
+    "stage4": "stage4_sft.yaml",
+}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["data", "demo", "--out", str(out), "--digits", "30", "--texts", "20"]) == 0
+    return out
+
+
+def built(cls, **kw):
+    module = cls(spec=CheersSpec.tiny(), **kw)
+    module.configure_model()
+    return module
+
+
+def trainable(module):
+    return {n for n, p in module.model.named_parameters() if p.requires_grad}
+
+
+def test_stage_one_trains_only_the_new_modules_and_token_rows():
+    m = built(AlignmentStage)
+    names = trainable(m)
+    embed = "llm.model.model.embed_tokens.weight"
+    assert names == {
+        n for n in dict(m.model.named_parameters()) if n.startswith(("projector.", "cfm_head."))
+    } | {embed}
+    m.model(mixed_batch(m.model)).loss.backward()
+    grad = dict(m.model.named_parameters())[embed].grad
+    rows = grad.abs().sum(-1).nonzero().flatten().tolist()
+    assert rows and set(rows) <= m.new_token_ids()  # only the added tokens' rows (LM head tied) move
+
+
+@pytest.mark.parametrize("name", ["stage2", "stage3", "stage4"])
+def test_later_stages_train_all_but_the_vae(name):
+    m = built(STAGES[name])
+    every = dict(m.model.named_parameters())
+    frozen = {n for n in every if n not in trainable(m)}
+    assert frozen == {n for n in every if n.startswith(("vae.", "semantic_encoder.vit.head."))}
+
+
+def test_stage_defaults_follow_the_paper():
+    assert [(STAGES[s]().lr, STAGES[s]().schedule) for s in STAGES] == [
+        (1e-4, "constant"), (1e-4, "constant"), (4e-5, "constant"), (2e-5, "cosine")
+    ]  # fmt: skip
+
+
+def lrs(module, steps):
+    module.trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False)
+    conf = module.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    out = []
+    for _ in range(steps + 1):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_constant_schedule_with_warmup():
+    lr = lrs(built(PretrainStage), 100)
+    assert lr[0] == 0.0 and lr[1] == pytest.approx(0.5e-4) and lr[2] == pytest.approx(1e-4)  # 2% of 100 = 2
+    assert lr[50] == pytest.approx(1e-4) and lr[100] == pytest.approx(1e-4)
+
+
+def test_cosine_schedule_with_warmup():
+    lr = lrs(built(SFTStage), 100)
+    assert lr[0] == 0.0 and lr[2] == pytest.approx(2e-5)
+    mid = 2e-5 * 0.5 * (1 + math.cos(math.pi * (51 - 2) / 98))
+    assert lr[51] == pytest.approx(mid) and lr[100] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bad_stage_arguments_fail_at_construction(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
+        PretrainStage(spec=CheersSpec.tiny(), init_from=str(tmp_path / "nowhere.ckpt"))
+    with pytest.raises(ValueError, match=r"valid choices are \['constant', 'cosine'\]"):
+        PretrainStage(spec=CheersSpec.tiny(), schedule="linear")
+    with pytest.raises(FileNotFoundError, match="no-such-vae"):
+        AlignmentStage(spec=CheersSpec.pretrained("x", "y", str(tmp_path / "no-such-vae")))
+
+
+def test_printing_a_paper_config_builds_nothing(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "-c", str(EXPERIMENTS / STAGE_FILES["stage4"]), "--print_config"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "SFTStage" in text and "mixture: batch" in text and "num_nodes: 16" in text
+
+
+@pytest.mark.parametrize("name", list(STAGE_FILES))
+@pytest.mark.parametrize("tiny", [False, True])
+def test_every_yaml_parses_against_the_code(name, tiny, capsys):
+    args = ["fit", "-c", str(EXPERIMENTS / STAGE_FILES[name])]
+    args += ["-c", str(EXPERIMENTS / "tiny.yaml")] if tiny else []
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--trainer.default_root_dir", "somewhere/" + name, "--print_config"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert f"dirpath: somewhere/{name}/checkpoints" in text  # references resolve after overrides
+    if name != "stage1":
+        assert f"init_from: somewhere/{name}/../stage1".replace("stage1", f"stage{int(name[-1]) - 1}") in text
+
+
+def test_unknown_keys_are_refused_at_parse_time(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                "fit",
+                "-c",
+                str(EXPERIMENTS / STAGE_FILES["stage1"]),
+                "--model.init_args.lr_max",
+                "1",
+                "--print_config",
+            ]
+        )
+    assert exit_.value.code != 0
+    assert "lr_max" in capsys.readouterr().err
+
+
+def fit(name, root, demo, *extra):
+    args = ["fit", "-c", str(EXPERIMENTS / STAGE_FILES[name]), "-c", str(EXPERIMENTS / "tiny.yaml")]
+    args += [
+        "--trainer.default_root_dir",
+        str(root / name),
+        "--data.root",
+        str(demo),
+        "--trainer.max_steps",
+        "2",
+    ]
+    main([*args, "--trainer.enable_progress_bar", "false", *extra])
+    return root / name / "checkpoints" / "last.ckpt"
+
+
+def test_four_stages_run_tiny_and_hand_off(tmp_path, demo):
+    ckpts = {}
+    for name in STAGE_FILES:
+        ckpts[name] = fit(name, tmp_path, demo)
+        assert ckpts[name].is_file()
+    # stage II starts from stage I's weights exactly (weights only: a new optimiser and schedule)
+    start = PretrainStage(spec=CheersSpec.tiny(), init_from=str(ckpts["stage1"]))
+    start.configure_model()
+    ref = read_state_dict(ckpts["stage1"])
+    got = start.model.state_dict()
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    saved = torch.load(ckpts["stage2"], map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 2 and saved["hyper_parameters"]["init_from"].endswith(
+        "stage1/checkpoints/last.ckpt"
+    )
+    assert "CheersDataModule" in saved  # the data position travels with the checkpoint
+
+
+def test_resume_restores_the_stage_and_the_saved_config_reruns(tmp_path, demo):
+    last = fit("stage1", tmp_path, demo)
+    fit("stage1", tmp_path, demo, "--ckpt_path", str(last), "--trainer.max_steps", "4")
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
+    config = sorted((tmp_path / "stage1" / "tb").glob("version_*/config.yaml"))[0]  # the first run's
+    text = config.read_text()
+    assert "${" not in text and str(tmp_path / "stage1" / "checkpoints") in text  # fully resolved
+    main(["fit", "-c", str(config), "--trainer.max_steps", "1"])  # reruns as it is, in the same place
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 1
+
+
+def test_start_up_errors_name_the_path(tmp_path, demo):
+    # raised while the CLI instantiates the module (jsonargparse wraps it in a ValueError)
+    with pytest.raises(
+        (FileNotFoundError, ValueError), match="no checkpoint at .*stage1/checkpoints/last.ckpt"
+    ):
+        fit("stage2", tmp_path, demo)  # no stage I run in this folder
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty/understanding/? does not exist"):
+        fit("stage1", tmp_path, tmp_path / "empty")
