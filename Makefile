@@ -8,6 +8,7 @@ PRESET  ?= paper
 ARGS    ?=
 RUNS    ?= runs
 OVERLAY := $(if $(filter tiny,$(PRESET)),-c experiments/tiny.yaml,)
+THREADS := $(if $(filter tiny,$(PRESET)),CHEERS_NUM_THREADS=1,)
 STAGE_DATA := $(if $(filter tiny,$(PRESET)),data/demo/manifest.json,)
 
 .DEFAULT_GOAL := help
@@ -40,16 +41,19 @@ data/demo/manifest.json: | setup
 	$(BIN)/cheers data demo --out data/demo
 
 stage1: setup $(STAGE_DATA) ## Stage I alignment (PRESET=tiny: CPU, tiny, demo shards; ARGS= passed on)
-	$(BIN)/cheers fit -c experiments/stage1_alignment.yaml $(OVERLAY) --trainer.default_root_dir $(RUNS)/$(PRESET)/stage1 $(ARGS)
+	$(THREADS) $(BIN)/cheers fit -c experiments/stage1_alignment.yaml $(OVERLAY) --trainer.default_root_dir $(RUNS)/$(PRESET)/stage1 $(ARGS)
 
 stage2: setup $(STAGE_DATA) ## Stage II general pre-training, from stage I's last checkpoint
-	$(BIN)/cheers fit -c experiments/stage2_pretrain.yaml $(OVERLAY) --trainer.default_root_dir $(RUNS)/$(PRESET)/stage2 $(ARGS)
+	$(THREADS) $(BIN)/cheers fit -c experiments/stage2_pretrain.yaml $(OVERLAY) --trainer.default_root_dir $(RUNS)/$(PRESET)/stage2 $(ARGS)
 
 stage3: setup $(STAGE_DATA) ## Stage III refined pre-training, from stage II's last checkpoint
-	$(BIN)/cheers fit -c experiments/stage3_refined.yaml $(OVERLAY) --trainer.default_root_dir $(RUNS)/$(PRESET)/stage3 $(ARGS)
+	$(THREADS) $(BIN)/cheers fit -c experiments/stage3_refined.yaml $(OVERLAY) --trainer.default_root_dir $(RUNS)/$(PRESET)/stage3 $(ARGS)
 
 stage4: setup $(STAGE_DATA) ## Stage IV SFT, from stage III's last checkpoint
-	$(BIN)/cheers fit -c experiments/stage4_sft.yaml $(OVERLAY) --trainer.default_root_dir $(RUNS)/$(PRESET)/stage4 $(ARGS)
+	$(THREADS) $(BIN)/cheers fit -c experiments/stage4_sft.yaml $(OVERLAY) --trainer.default_root_dir $(RUNS)/$(PRESET)/stage4 $(ARGS)
+
+demo: setup ## The main job: demo shards, stage I then II tiny on CPU, logs + checkpoint + image
+	$(BIN)/cheers demo $(ARGS)
 
 tb: setup ## TensorBoard on the run folder (RUNS=runs)
 	$(BIN)/tensorboard --logdir $(RUNS)

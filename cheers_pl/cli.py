@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from cheers_pl import __version__
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=f"LightningCLI {name} (see `cheers {name} --help`)", add_help=False)
     p = sub.add_parser("flavors", help="list component kinds and their flavors")
     p.set_defaults(func=cmd_flavors)
+    p = sub.add_parser(
+        "demo", help="the demo: stage I then II, tiny, on the bundled data, on CPU", add_help=False
+    )
     p = sub.add_parser("data", help="build WebDataset shards from datasets (recipes)")
     p.set_defaults(func=lambda _: p.print_help() or 0)
     _add_data_commands(p)
@@ -87,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get("CHEERS_NUM_THREADS"):  # e.g. 1 for tiny CPU runs (make stageN PRESET=tiny)
+        import torch
+
+        torch.set_num_threads(int(os.environ["CHEERS_NUM_THREADS"]))
+    if argv and argv[0] == "demo":
+        from cheers_pl.demo import main as demo
+
+        return demo(argv[1:])
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:  # YAML runs go to LightningCLI
         from cheers_pl.lightning_cli import run
 
