@@ -1,7 +1,7 @@
 """``PreviewCallback``: periodic text-to-image samples and D(z1) reconstructions in TensorBoard.
 
-Every ``every_n_steps`` optimizer steps (and once before the first step when ``at_start``), on
-global rank 0 only, the callback
+Every ``every_n_steps`` optimizer steps (and once before the first step when ``at_start``), the
+callback (sampling on every rank, as sharded strategies need; logging on global rank 0 only)
 
 1. generates one image per fixed prompt with ``pl_module.model.generate`` (eval mode, no grad,
    its own seeded generator; the global RNG state and every module's training flag are restored);
@@ -114,8 +114,12 @@ class PreviewCallback(pl.Callback):
             self._maybe_preview(trainer, pl_module)
 
     def _maybe_preview(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Preview at most once per global step (it does not advance during gradient accumulation)."""
-        if not trainer.is_global_zero or self.last_step == trainer.global_step:
+        """Preview at most once per global step (it does not advance during gradient accumulation).
+
+        Every rank samples (under FSDP or DeepSpeed the forward passes are collective: a rank-0-only
+        preview would hang); only global rank 0 logs and saves.
+        """
+        if self.last_step == trainer.global_step:
             return
         if not self._tensorboard_loggers(trainer):
             self._warn_no_logger()
@@ -145,8 +149,9 @@ class PreviewCallback(pl.Callback):
             recon = self.reconstruction_grid(model)
         self.last_reconstruction, self.last_reconstruction_mse = recon if recon else (None, None)
         self.last_step = step
-        self._log(trainer, step)
-        self._save(step)
+        if trainer.is_global_zero:
+            self._log(trainer, step)
+            self._save(step)
 
     def generated_grid(self, model: nn.Module) -> Tensor:
         """(3, H', W') grid of one generated image per prompt, all on one row."""
