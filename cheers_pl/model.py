@@ -162,12 +162,18 @@ class CheersModel(nn.Module):
             hidden, labels.masked_fill(~valid, IGNORE)
         )
 
-        loss_fm, gate, n_gen = hidden.sum() * 0.0, None, 0
-        if n_img and bool(is_gen.any()):
-            n_gen = int(is_gen.sum())
+        loss_fm, gate = hidden.sum() * 0.0, None
+        n_gen = int(is_gen.sum()) if n_img else 0
+        over_all = self.spec.resolved_fm_loss_images == "all"
+        if n_gen or (n_img and over_all):
+            # "generation": the paper's loss over generation images; "all": the released code's, over
+            # every image, with target 0 for understanding images (at t = 1)
+            rows = torch.ones_like(is_gen) if over_all else is_gen
             h_img = hidden[span >= 0].view(n_img, self.tokens_per_image, -1)
-            v, gate = self.cfm_head(h_img[is_gen], t[is_gen], detail[is_gen])
-            loss_fm = F.mse_loss(v.float(), flow.velocity_target(z1, z0)[is_gen].float())
+            v, gate_all = self.cfm_head(h_img[rows], t[rows], detail[rows])
+            target = torch.where(is_gen.view(-1, 1, 1, 1), flow.velocity_target(z1, z0), torch.zeros_like(z1))
+            loss_fm = F.mse_loss(v.float(), target[rows].float())
+            gate = None if gate_all is None or not n_gen else gate_all[is_gen[rows]]
         loss = loss_text + self.spec.fm_weight * loss_fm
         t_out = t if n_img else None
         return CheersOutput(

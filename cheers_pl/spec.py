@@ -18,6 +18,7 @@ HFI_MODES = ("gated", "none")
 PIXEL_RECONSTRUCT_MODES = ("decode", "latent")
 COMPAT_MODES = ("kit", "released")
 STAGE_B_ROPE_MODES = ("released", "sequential")
+FM_LOSS_IMAGES = ("generation", "all")
 COMPONENT_FIELDS = ("vae", "semantic_encoder", "llm", "projector", "cfm_head", "tokenizer")
 
 
@@ -54,6 +55,8 @@ class CheersSpec:
         pixel_reconstruct: "decode" (z_t -> D -> SigLIP, the paper) or "latent" (TUNA-style ablation).
         compat: "kit" (clean defaults) or "released" (the authors' released behaviours, DESIGN s.8).
         stage_b_rope: stage-B RoPE layout; None follows ``compat`` ("released" repeats 0..T/2-1 twice).
+        fm_loss_images: which images L_FM averages over: "generation" (the paper) or "all" (the
+            released code: every image, understanding ones with target 0); None follows ``compat``.
         fm_weight: lambda in L = L_AR + lambda * L_FM.
         cfg_dropout: probability that a generation sample's prompt becomes ``<no_mean>`` in training.
         system_prompt: the chat template's system turn.
@@ -70,6 +73,7 @@ class CheersSpec:
     pixel_reconstruct: str = "decode"
     compat: str = "kit"
     stage_b_rope: str | None = None
+    fm_loss_images: str | None = None
     fm_weight: float = 1.0
     cfg_dropout: float = 0.2
     system_prompt: str = "You are a helpful assistant."
@@ -81,6 +85,8 @@ class CheersSpec:
         _choice("compat", self.compat, COMPAT_MODES)
         if self.stage_b_rope is not None:
             _choice("stage_b_rope", self.stage_b_rope, STAGE_B_ROPE_MODES)
+        if self.fm_loss_images is not None:
+            _choice("fm_loss_images", self.fm_loss_images, FM_LOSS_IMAGES)
         if not 0.0 <= self.cfg_dropout <= 1.0:
             raise ValueError(f"cfg_dropout={self.cfg_dropout} must be in [0, 1]")
         if self.fm_weight < 0:
@@ -89,6 +95,12 @@ class CheersSpec:
             value = getattr(self, name)
             if isinstance(value, dict):  # from YAML / plain dicts
                 setattr(self, name, ComponentSpec(**value))
+
+    @property
+    def resolved_fm_loss_images(self) -> str:
+        if self.fm_loss_images is not None:
+            return self.fm_loss_images
+        return "all" if self.compat == "released" else "generation"
 
     @property
     def resolved_stage_b_rope(self) -> str:

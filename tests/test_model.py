@@ -5,6 +5,8 @@ import time
 import pytest
 import torch
 
+from cheers_pl import flow
+from cheers_pl.components.llm import mixed_attention_mask, positions_from_valid
 from cheers_pl.model import CheersModel
 from cheers_pl.smoke import mixed_batch, photo
 from cheers_pl.spec import CheersSpec, ComponentSpec
@@ -160,3 +162,30 @@ def test_paper_model_assembles_on_meta_with_the_published_sizes():
     assert m.tokens_per_image == 256 and m.processor.image_id == 151665
     frozen = {n.split(".")[0] for n, p in m.named_parameters() if not p.requires_grad}
     assert frozen == {"vae", "semantic_encoder"}  # the VAE, and SigLIP's unused pooling head
+
+
+def test_fm_loss_over_all_images_adds_understanding_images_with_target_zero(batch):
+    torch.manual_seed(0)
+    paper = CheersModel(CheersSpec.tiny())
+    randomize_zero_inits(paper)
+    released = CheersModel(CheersSpec.tiny(fm_loss_images="all"))
+    released.load_state_dict(paper.state_dict())
+    assert CheersSpec.tiny(compat="released").resolved_fm_loss_images == "all"
+    a = paper(batch, generator=torch.Generator().manual_seed(0))
+    b = released(batch, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a.loss_text, b.loss_text)
+    # recompute by hand: head on both images, target z1 - z0 for the generation image, 0 for the other
+    g = torch.Generator().manual_seed(0)
+    z1 = paper.vae.encode(batch["images"])
+    z0 = torch.randn(z1.shape, generator=g)
+    t = flow.sample_t(2, generator=g)
+    t = torch.tensor([1.0, float(t[1])])
+    tokens, detail = paper.visual_tokens(flow.interpolate(z1, z0, t))
+    embeds, span = paper.place_images(batch["input_ids"], tokens)
+    valid = batch["attention_mask"]
+    hidden, _ = paper.llm(embeds, mixed_attention_mask(span, span, valid), positions_from_valid(valid))
+    v, _ = paper.cfm_head(hidden[span >= 0].view(2, paper.tokens_per_image, -1), t, detail)
+    per_image = (v - torch.stack([torch.zeros_like(z1[0]), z1[1] - z0[1]])).square().flatten(1).mean(1)
+    torch.testing.assert_close(a.loss_fm, per_image[1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(b.loss_fm, per_image.mean(), rtol=1e-4, atol=1e-6)
+    assert b.gate.shape[0] == 1  # gate maps are still those of the generation images
