@@ -24,6 +24,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from cheers_pl.components.processor import CheersProcessor
@@ -103,8 +104,23 @@ class CheersModule(L.LightningModule):
             return
         self.model = CheersModel(self.spec)
         if self.init_from is not None:
-            load_model_weights(self.model, self.init_from)
+            report = load_model_weights(self.model, self.init_from, *self.ablation_allowances())
+            for what, names in report.items():
+                if names:
+                    rank_zero_info(
+                        f"init_from {self.init_from}: {what.replace('_', ' ')}: {len(names)} tensors"
+                    )
         self.set_trainable()
+
+    def ablation_allowances(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(missing, unexpected) name prefixes this spec's ablations add / remove vs a standard model."""
+        missing, unexpected = [], []
+        if self.spec.hfi == "none":
+            unexpected.append("cfm_head.hfi_gate.gate.")
+        if self.spec.pixel_reconstruct == "latent":
+            missing.append("semantic_encoder.latent_patch_embedding.")
+            unexpected.append("pixel_decoder.")
+        return tuple(missing), tuple(unexpected)
 
     def set_trainable(self) -> None:
         """``trains="all"``: everything but the frozen VAE (and SigLIP's unused pooling head).
