@@ -10,6 +10,7 @@ first ``--digits`` of the 1797. Written to three folders, each with its own shar
 - ``generation/``: per photo and per digit, its caption -> the image;
 - ``text/``: ``--texts`` chats: arithmetic (some two-round, with a system prompt), digit and
   colour facts;
+- ``heldout/``: generation samples of the ``--heldout`` digits after the training ones;
 
 plus ``manifest.json`` over all three. The output is deterministic: the same shards, byte for
 byte, on every run (tar members carry a fixed time).
@@ -37,6 +38,7 @@ from data_recipes.writer import MANIFEST, ShardSink, prepare_out_dir
 
 MTIME = 1735689600  # 2025-01-01T00:00:00Z, the time stamp of every tar member
 TASK_FOLDERS = ("understanding", "generation", "text")
+HELDOUT = "heldout"  # generation samples of digits not in the training folders (sweep's held-out FM loss)
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 # skimage.data name -> (caption, (question, answer))
@@ -245,10 +247,26 @@ def photo_and_digit_samples(sink: ShardSink, digits: int) -> Iterator[Sample]:
         yield from digit_samples(i, int(data.target[i]), png_bytes(digit_image(data.images[i])))
 
 
+def heldout_samples(first: int, count: int) -> Iterator[Sample]:
+    """Generation samples of the ``count`` digits after the first ``first`` (never trained on)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    for i in range(first, min(first + count, len(data.target))):
+        png = png_bytes(digit_image(data.images[i]))
+        yield from (s for s in digit_samples(i, int(data.target[i]), png) if s.task == "generation")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo recipe's options."""
     parser.add_argument("--digits", type=int, default=300, help="how many of the 1797 digits to use")
     parser.add_argument("--texts", type=int, default=200, help="how many text-only chats to write")
+    parser.add_argument(
+        "--heldout",
+        type=int,
+        default=40,
+        help="digits after the training ones, as held-out generation samples",
+    )
     add_output_arguments(parser, maxcount=50)
 
 
@@ -287,7 +305,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sinks[sample.task].add(sample)
         for sample in text_samples(args.texts):
             sinks["text"].add(sample)
+        held = None
+        if args.heldout:
+            held = stack.enter_context(sink_from_args(args, "demo/heldout", out / HELDOUT, mtime=MTIME))
+            for sample in heldout_samples(args.digits, args.heldout):
+                held.add(sample)
     manifest = combine({task: sink.manifest for task, sink in sinks.items()}, args.prefix)
+    if held is not None:  # listed apart: not part of the training totals
+        manifest["heldout"] = {"manifest": f"{HELDOUT}/{MANIFEST}", "samples": held.manifest["samples"]}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

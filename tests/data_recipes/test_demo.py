@@ -34,6 +34,10 @@ def test_three_task_folders(built):
     assert top["tasks"] == counts and top["samples"] == sum(counts.values()) and top["skipped"] == {}
     assert top["folders"] == {t: f"{t}/manifest.json" for t in demo.TASK_FOLDERS}
     assert verify_manifest(out)["ok"]
+    held, held_samples = check_output(out / demo.HELDOUT)
+    assert top["heldout"]["samples"] == len(held_samples) == 40 and set(held["tasks"]) == {"generation"}
+    train_ids = {s.id for s in check_output(out / "generation")[1]}
+    assert not train_ids & {s.id for s in held_samples}  # held-out digits are never trained on
 
 
 def test_real_images(built):
