@@ -12,7 +12,7 @@ THREADS := $(if $(filter tiny,$(PRESET)),CHEERS_NUM_THREADS=1,)
 STAGE_DATA := $(if $(filter tiny,$(PRESET)),data/demo/manifest.json,)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format clean bench-data stage1 stage2 stage3 stage4 tb demo
+.PHONY: help setup test lint format clean bench-data stage1 stage2 stage3 stage4 tb demo sweep
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ stage4: setup $(STAGE_DATA) ## Stage IV SFT, from stage III's last checkpoint
 
 demo: setup ## The main job: demo shards, stage I then II tiny on CPU, logs + checkpoint + image
 	$(BIN)/cheers demo $(ARGS)
+
+sweep: setup ## Ablation sweep: a base stage under overlays, tiny on CPU, results table (ARGS= passed on)
+	CHEERS_NUM_THREADS=1 $(BIN)/cheers sweep $(ARGS)
 
 tb: setup ## TensorBoard on the run folder (RUNS=runs)
 	$(BIN)/tensorboard --logdir $(RUNS)

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", help="the demo: stage I then II, tiny, on the bundled data, on CPU", add_help=False
     )
+    sub.add_parser(
+        "sweep", help="a base stage under a list of ablation overlays, with a results table", add_help=False
+    )
     p = sub.add_parser("data", help="build WebDataset shards from datasets (recipes)")
     p.set_defaults(func=lambda _: p.print_help() or 0)
     _add_data_commands(p)
@@ -95,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(int(os.environ["CHEERS_NUM_THREADS"]))
-    if argv and argv[0] == "demo":
-        from cheers_pl.demo import main as demo
+    if argv and argv[0] in ("demo", "sweep"):  # own argparse parsers
+        from importlib import import_module
 
-        return demo(argv[1:])
+        return import_module(f"cheers_pl.{argv[0]}").main(argv[1:])
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:  # YAML runs go to LightningCLI
         from cheers_pl.lightning_cli import run
 

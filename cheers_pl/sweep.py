@@ -1,0 +1,194 @@
+"""``cheers sweep`` / ``make sweep``: one base stage under a list of overlays, side by side.
+
+Each overlay (a YAML path, or ``base`` for none) is one run ``OUT/<name>`` with the same seed,
+so ``tensorboard --logdir OUT`` shows them side by side. ``--preset tiny`` (the default) adds
+``experiments/tiny.yaml``: CPU, tiny flavors, the demo shards. A base that starts from a previous
+stage (``init_from``) gets one shared run of stage I first (``OUT/_stage1``), as in the paper's
+ablations ("after standard vision-language alignment, models are fine-tuned ...").
+
+The results table (``OUT/results.md`` and ``OUT/results.csv``), one row per run: the final
+losses; a held-out flow-matching loss (fixed noise and t, on ``--heldout`` shards: by default the
+demo's ``heldout/`` digits, never trained on); the reconstruction error of the last previews; the
+training-time gate statistics; and the CLIP score of images sampled from fixed prompts when
+``--clip`` names a local open_clip folder (else the column says it is unavailable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+
+import torch
+import yaml
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+SCALARS = ("train/loss", "train/loss_text", "train/loss_fm", "previews/reconstruction_mse",
+           "hfi/gate_mean", "hfi/gate_abs_mean", "hfi/gate_std")  # fmt: skip
+PROMPTS = [
+    "a handwritten digit 0",
+    "a handwritten digit 3",
+    "a handwritten digit 7",
+    "a photo of a tabby cat",
+]
+UNAVAILABLE = "unavailable (no CLIP weights given)"
+
+
+def run_name(overlay: str) -> str:
+    return "base" if overlay == "base" else Path(overlay).stem
+
+
+def needs_previous_stage(base: str) -> bool:
+    """True when the base config starts from a previous stage's checkpoint."""
+    config = yaml.safe_load(Path(base).read_text())
+    return bool(((config.get("model") or {}).get("init_args") or {}).get("init_from"))
+
+
+def fit(
+    configs: list[str], root: Path, steps: int, seed: int, data_root: str | None, extra: list[str]
+) -> Path:
+    """One in-process ``cheers fit`` run; returns its last checkpoint."""
+    from cheers_pl.cli import main
+
+    args = ["fit", *[a for c in configs for a in ("-c", c)], "--trainer.default_root_dir", str(root)]
+    args += ["--trainer.max_steps", str(steps), "--seed_everything", str(seed), *extra]
+    args += [
+        "--trainer.log_every_n_steps",
+        str(max(1, min(10, steps // 10))),
+    ]  # the table reads the last values
+    main(args + (["--data.root", data_root] if data_root else []))
+    return root / "checkpoints" / "last.ckpt"
+
+
+def last_scalars(root: Path) -> dict[str, float]:
+    """The last value of every :data:`SCALARS` tag in a run's newest TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(sorted(root.glob("tb/version_*"))[-1]), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    return {tag: acc.Scalars(tag)[-1].value for tag in SCALARS if tag in tags}
+
+
+def load_model(ckpt: Path):
+    """The CheersModel of a stage checkpoint, rebuilt from the spec in its hyperparameters."""
+    from cheers_pl.model import CheersModel
+    from cheers_pl.spec import CheersSpec
+    from cheers_pl.stages.weights import load_model_weights
+
+    hparams = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
+    model = CheersModel(CheersSpec(**hparams["spec"])).eval()
+    load_model_weights(model, ckpt)
+    return model
+
+
+@torch.no_grad()
+def heldout_fm_loss(model, shards: str, batches: int = 4, batch_size: int = 8, seed: int = 0) -> float:
+    """Mean flow-matching loss on generation shards with fixed noise and t (the same for every run)."""
+    from cheers_pl.data.datamodule import CheersDataModule
+
+    dm = CheersDataModule(
+        {"generation": {"shards": [shards]}}, batch_size=batch_size, shuffle_buffer=0, seed=seed
+    )
+    dm.attach(model.processor, model.image_size).setup()
+    it = iter(dm.train_dataloader())
+    losses = [
+        float(model(next(it), generator=torch.Generator().manual_seed(seed + i)).loss_fm)
+        for i in range(batches)
+    ]
+    return sum(losses) / len(losses)
+
+
+def clip_column(model, clip: str | None) -> float | str:
+    if clip is None:
+        return UNAVAILABLE
+    from cheers_pl.eval.clip_score import clip_score_or_none
+
+    images = model.generate(PROMPTS, cfg_scale=3.0, steps=20, shift=1.0, seed=0).images
+    return clip_score_or_none(images, PROMPTS, clip)
+
+
+def run_sweep(
+    base: str,
+    overlays: list[str],
+    out: str,
+    preset: str = "tiny",
+    steps: int = 60,
+    seed: int = 0,
+    data_root: str | None = None,
+    heldout: str | None = None,
+    clip: str | None = None,
+) -> list[dict]:
+    """Run every overlay over ``base``; write ``results.md`` / ``results.csv`` in ``out``; return the rows."""
+    out_dir = Path(out)
+    names = [run_name(o) for o in overlays]
+    if len(set(names)) != len(names):
+        raise ValueError(f"overlay names must differ: {names}")
+    tiny = [str(EXPERIMENTS / "tiny.yaml")] if preset == "tiny" else []
+    extra: list[str] = []
+    if needs_previous_stage(base):
+        first = fit(
+            [str(EXPERIMENTS / "stage1_alignment.yaml"), *tiny],
+            out_dir / "_stage1",
+            steps,
+            seed,
+            data_root,
+            [],
+        )
+        extra = ["--model.init_args.init_from", str(first)]
+    root = Path(data_root or ("data/demo" if preset == "tiny" else "."))
+    heldout = heldout or str(root / "heldout" if (root / "heldout").is_dir() else root / "generation")
+    rows = []
+    for overlay, name in zip(overlays, names, strict=True):
+        configs = [base, *tiny] + ([] if overlay == "base" else [overlay])
+        ckpt = fit(configs, out_dir / name, steps, seed, data_root, extra)
+        model = load_model(ckpt)
+        row = {
+            "run": name,
+            **last_scalars(out_dir / name),
+            "heldout/loss_fm": heldout_fm_loss(model, heldout),
+        }
+        row["clip_score"] = clip_column(model, clip)
+        rows.append(row)
+    write_table(rows, out_dir, heldout)
+    return rows
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else str(value)
+
+
+def write_table(rows: list[dict], out: Path, heldout: str) -> None:
+    """``results.csv`` and ``results.md`` in ``out`` (and the table printed); missing values are n/a."""
+    columns = ["run", *SCALARS, "heldout/loss_fm", "clip_score"]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, restval="n/a")
+        writer.writeheader()
+        writer.writerows([{k: _fmt(r.get(k)) for k in columns} for r in rows])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for k in columns) + " |" for r in rows]
+    note = f"\nheld-out FM loss on `{heldout}`; gate statistics are n/a without HFI.\n"
+    (out / "results.md").write_text("\n".join(lines) + "\n" + note)
+    print("\n".join(lines) + note)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cheers sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default=str(EXPERIMENTS / "stage2_pretrain.yaml"), help="the stage YAML")
+    ablations = sorted(str(p) for p in (EXPERIMENTS / "ablations").glob("*.yaml"))
+    parser.add_argument("--overlays", nargs="+", default=["base", *ablations], help="YAMLs; 'base': none")
+    parser.add_argument("--out", default="runs/sweep")
+    parser.add_argument("--preset", choices=["tiny", "paper"], default="tiny")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-root", default=None, help="the stage's data root (tiny: data/demo)")
+    parser.add_argument("--heldout", default=None, help="generation shards for the held-out FM loss")
+    parser.add_argument("--clip", default=None, help="a local open_clip folder for the CLIP score column")
+    a = parser.parse_args(argv)
+    if a.preset == "tiny":
+        torch.set_num_threads(1)  # see tests/conftest.py
+    run_sweep(a.base, a.overlays, a.out, a.preset, a.steps, a.seed, a.data_root, a.heldout, a.clip)
+    return 0
