@@ -1,0 +1,177 @@
+"""HFI analysis: intensities use |g|, per-run normalisation then the mean over runs (checked by
+hand), several runs concatenate, heat-map figure layout, the intensity plot, gate PNGs on disk."""
+
+import pytest
+import torch
+from matplotlib import colormaps
+from PIL import Image
+
+from cheers_pl.analysis import hfi
+from cheers_pl.analysis.hfi import (
+    FIGURE_PADDING,
+    evenly_spaced_steps,
+    heatmap_figure,
+    intensity,
+    intensity_curve,
+    intensity_plot,
+    normalise_per_run,
+    save_gate_maps,
+)
+
+
+def hand_gates() -> torch.Tensor:
+    """(3 steps, 2 samples, 2, 2). Every map has mean 0 or close, so a signed mean would fail.
+
+    Sample 0: mean |g| = 1, 2, 4 over the steps. Sample 1: mean |g| = 3 at every step (constant run).
+    """
+    s0 = [[[1.0, -1.0], [1.0, -1.0]], [[2.0, -2.0], [2.0, 2.0]], [[-4.0, 4.0], [4.0, 4.0]]]
+    s1 = [[[3.0, -3.0], [-3.0, 3.0]]] * 3
+    return torch.stack([torch.tensor(s0), torch.tensor(s1)], dim=1)
+
+
+def assert_close(actual, expected):
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float32), atol=1e-6, rtol=0)
+
+
+def test_intensity_is_the_mean_magnitude():
+    gates = hand_gates()
+    assert_close(intensity(gates), [[1, 3], [2, 3], [4, 3]])
+    assert_close(intensity(-gates), [[1, 3], [2, 3], [4, 3]])  # the sign of g does not matter
+    with pytest.raises(ValueError, match=r"\(steps, B, S, S\)"):
+        intensity(gates[0])
+
+
+def test_normalise_per_run_by_hand():
+    values = intensity(hand_gates())  # columns [1, 2, 4] and [3, 3, 3]
+    # minmax: (v - 1) / (4 - 1); the constant run -> zeros
+    assert_close(normalise_per_run(values, "minmax"), [[0, 0], [1 / 3, 0], [1, 0]])
+    # max: v / 4 and v / 3
+    assert_close(normalise_per_run(values, "max"), [[0.25, 1], [0.5, 1], [1, 1]])
+    assert_close(normalise_per_run(values, "none"), [[1, 3], [2, 3], [4, 3]])
+    assert_close(normalise_per_run(torch.tensor([1.0, 2.0, 4.0])), [0, 1 / 3, 1])  # one 1-D run
+    assert_close(normalise_per_run(torch.zeros(3, 1), "max"), [[0], [0], [0]])  # all-zero run
+    with pytest.raises(ValueError, match="'minmax', 'max', 'none'"):
+        normalise_per_run(values, "zscore")
+
+
+def test_intensity_curve_normalises_each_run_then_averages():
+    gates = hand_gates()
+    assert_close(intensity_curve(gates), [0, 1 / 6, 1 / 2])  # mean of [0, 1/3, 1] and [0, 0, 0]
+    assert_close(intensity_curve(gates, "max"), [0.625, 0.75, 1.0])  # mean of [.25, .5, 1], [1, 1, 1]
+    assert_close(intensity_curve(gates, "none"), [2.0, 2.5, 3.5])
+    with pytest.raises(ValueError, match="'minmax', 'max', 'none'"):
+        intensity_curve(gates, "sum")
+
+
+def test_several_runs_concatenate_along_the_batch():
+    gates = hand_gates()
+    # a second generate call: one sample on a 3x3 grid, mean |g| = 2, 1, 2
+    other = torch.stack([torch.full((1, 3, 3), 2.0), -torch.ones(1, 3, 3), torch.full((1, 3, 3), -2.0)])
+    # minmax runs [0, 1/3, 1], [0, 0, 0], [1, 0, 1]
+    assert_close(intensity_curve([gates, other]), [1 / 3, 1 / 9, 2 / 3])
+    # max runs [.25, .5, 1], [1, 1, 1], [1, .5, 1]
+    assert_close(intensity_curve([gates, other], "max"), [0.75, 2 / 3, 1.0])
+    split = [gates[:, :1], gates[:, 1:]]
+    torch.testing.assert_close(intensity_curve(split), intensity_curve(gates))
+    with pytest.raises(ValueError, match="same number of steps"):
+        intensity_curve([gates, other[:2]])
+    with pytest.raises(ValueError, match="no gate"):
+        intensity_curve([])
+
+
+def test_evenly_spaced_steps():
+    assert evenly_spaced_steps(20) == [0, 5, 10, 14, 19]
+    assert evenly_spaced_steps(3) == [0, 1, 2]
+    assert evenly_spaced_steps(1) == [0]
+    assert evenly_spaced_steps(9, 3) == [0, 4, 8]
+
+
+def panel(fig, k, h, w, top):
+    x0 = FIGURE_PADDING + k * (w + FIGURE_PADDING)
+    return fig[:, top : top + h, x0 : x0 + w]
+
+
+@pytest.mark.parametrize("titles", [False, True])
+def test_heatmap_figure_layout_and_first_panel_is_the_image(titles):
+    torch.manual_seed(0)
+    image, gates = torch.rand(3, 16, 12), torch.randn(5, 4, 4)
+    fig = heatmap_figure(
+        image, gates, [0, 2, -1], overlay_alpha=0.5, titles=titles, t=torch.linspace(0, 1, 5)
+    )
+    strip = hfi._title_height() if titles else 0
+    p = FIGURE_PADDING
+    assert fig.shape == (3, p + strip + 16 + p, 4 * (12 + p) + p)
+    assert fig.dtype == torch.float32 and fig.min() >= 0 and fig.max() <= 1
+    top = p + strip
+    torch.testing.assert_close(panel(fig, 0, 16, 12, top), image)
+    assert not torch.allclose(panel(fig, 1, 16, 12, top), image)  # the overlays differ from the image
+    if titles:
+        assert fig[:, p : p + strip].min() < 0.5  # some dark title text was drawn
+    blank = heatmap_figure(image, gates, [0, 4], overlay_alpha=0.0, titles=titles)
+    for k in range(3):  # alpha 0: every panel is the image
+        torch.testing.assert_close(panel(blank, k, 16, 12, top), image)
+
+
+def test_heatmap_maps_are_normalised_jointly_over_the_shown_steps():
+    # step 0: |g| = 1 everywhere, step 1: |g| = 2 except one cell at 1 (signed), step 2: |g| = 3
+    gates = torch.stack([torch.ones(2, 2), torch.tensor([[-2.0, 2.0], [2.0, -1.0]]), -3 * torch.ones(2, 2)])
+    image = torch.full((3, 4, 4), 0.5)
+    fig = heatmap_figure(image, gates, [0, 1, 2], overlay_alpha=1.0, titles=False, cmap="jet")
+    jet = colormaps["jet"]
+    colour = [torch.tensor(jet(v)[:3], dtype=torch.float32) for v in (0.0, 0.5, 1.0)]
+    p0, p1, p2 = (panel(fig, k, 4, 4, FIGURE_PADDING) for k in (1, 2, 3))
+    # joint min-max over steps 0..2: |g| 1 -> 0, 2 -> 0.5, 3 -> 1; nearest upsampling 2x2 -> 4x4
+    torch.testing.assert_close(p0, colour[0][:, None, None].expand(3, 4, 4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(p2, colour[2][:, None, None].expand(3, 4, 4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(p1[:, 0, 0], colour[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(p1[:, 3, 3], colour[0], atol=1e-6, rtol=0)  # the |g| = 1 cell
+
+
+def test_heatmap_figure_panel_side_and_bad_arguments():
+    image, gates = torch.rand(3, 8, 8), torch.randn(3, 2, 2)
+    fig = heatmap_figure(image, gates, [1], titles=False, panel_side=20, interpolation="bilinear")
+    assert fig.shape == (3, 20 + 2 * FIGURE_PADDING, 2 * (20 + FIGURE_PADDING) + FIGURE_PADDING)
+    with pytest.raises(ValueError, match="out of range"):
+        heatmap_figure(image, gates, [3])
+    with pytest.raises(ValueError, match="one sample"):
+        heatmap_figure(image, gates[None], [0])
+    with pytest.raises(ValueError, match="overlay_alpha"):
+        heatmap_figure(image, gates, [0], overlay_alpha=2.0)
+
+
+@pytest.mark.parametrize("with_t", [False, True])
+def test_intensity_plot_is_an_rgb_image(with_t):
+    curve = torch.tensor([0.0, 0.2, 0.9, 1.0, 0.4])
+    t = torch.linspace(0, 1, 5) if with_t else None
+    img = intensity_plot(curve, t)
+    assert img.shape == (3, 300, 400) and img.dtype == torch.float32
+    assert img.min() >= 0 and img.max() <= 1
+    assert img.min() < 0.5 and img.max() == 1.0  # dark lines on a white background
+    with pytest.raises(ValueError, match="t has 3"):
+        intensity_plot(curve, torch.zeros(3))
+
+
+@pytest.mark.parametrize(("side", "saved"), [(8, 64), (5, 65), (80, 80)])
+def test_save_gate_maps_files_and_sizes(tmp_path, side, saved):
+    torch.manual_seed(0)
+    gates = torch.randn(3, 2, side, side)
+    paths = save_gate_maps(gates, tmp_path / "maps", prefix="p")
+    assert [p.name for p in paths] == [f"p{b:02d}_step{i:03d}.png" for b in range(2) for i in range(3)]
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == [p.name for p in paths]
+    for b in range(2):
+        pixels = []
+        for i in range(3):
+            with Image.open(paths[b * 3 + i]) as im:
+                assert im.mode == "L" and im.size == (saved, saved)
+                pixels.append(torch.tensor(list(im.getdata())))
+        pixels = torch.cat(pixels)  # normalised per sample over all its steps jointly
+        assert int(pixels.min()) == 0 and int(pixels.max()) == 255
+
+
+def test_save_gate_maps_uses_the_magnitude(tmp_path):
+    gates = torch.tensor([[[[-2.0, 0.0], [1.0, 2.0]]]])  # (1, 1, 2, 2)
+    (path,) = save_gate_maps(gates, tmp_path)
+    with Image.open(path) as im:
+        assert im.size == (64, 64)
+        corners = [im.getpixel(xy) for xy in ((0, 0), (63, 0), (0, 63), (63, 63))]
+    assert corners == [255, 0, 128, 255]  # |g| / 2 * 255, rounded
