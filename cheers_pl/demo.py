@@ -39,6 +39,8 @@ def _overlay(out: Path, vae: Path, preview_every: int) -> Path:
         _callback(f"{pl}.LearningRateMonitor", logging_interval="step"),
         _callback("cheers_pl.callbacks.previews.PreviewCallback", every_n_steps=preview_every, steps=20,
                   cfg_scale=3.0, shift=1.0, prompts=PROMPTS, save_dir=f"{root}/previews"),
+        _callback("cheers_pl.callbacks.hfi_heatmap.HFIHeatmapCallback", every_n_steps=preview_every, steps=20,
+                  cfg_scale=3.0, shift=1.0, prompts=PROMPTS, panel_side=96),
         _callback(f"{pl}.RichProgressBar"),
     ]  # fmt: skip
     overlay = {

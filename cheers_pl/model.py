@@ -206,14 +206,17 @@ class CheersModel(nn.Module):
         last_dt: str = "released",
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        gates_dir: str | None = None,
     ) -> GenerationOutput:
         """Text-to-image with Euler sampling and CFG (v = v_u + s (v_c - v_u); no CFG when s == 1).
 
         The text prefix does not attend to the image, so its KV cache is computed once and reused at
         every step (cropped back after each); D(z_t), SigLIP and the projector run once per step for
         both CFG rows, and the two LLM rows are batched. ``use_cache=False`` recomputes the whole
-        sequence at every step (the reference the cached path is tested against).
+        sequence at every step (the reference the cached path is tested against). ``gates_dir``
+        also saves every step's HFI gate map of each prompt there as PNG (implies ``return_gates``).
         """
+        return_gates = return_gates or gates_dir is not None
         device = self.placeholder_ids.device
         t_grid, dt = flow.sampling_schedule(steps, shift, last_dt)
         if generator is None and seed is not None:
@@ -260,6 +263,10 @@ class CheersModel(nn.Module):
         z = flow.euler_sample(velocity, z, t_grid.to(device), dt)
         images = self.vae.decode(z).clamp(0, 1)
         gate_stack = torch.stack(gates) if gates else None
+        if gates_dir is not None and gate_stack is not None:
+            from cheers_pl.analysis.hfi import save_gate_maps
+
+            save_gate_maps(gate_stack, gates_dir)
         return GenerationOutput(images.float(), z, gate_stack, t_grid.float())
 
     # -- understanding ------------------------------------------------------------------------

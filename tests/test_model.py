@@ -189,3 +189,9 @@ def test_fm_loss_over_all_images_adds_understanding_images_with_target_zero(batc
     torch.testing.assert_close(a.loss_fm, per_image[1], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(b.loss_fm, per_image.mean(), rtol=1e-4, atol=1e-6)
     assert b.gate.shape[0] == 1  # gate maps are still those of the generation images
+
+
+def test_generate_saves_the_gate_maps_as_png_on_request(model, tmp_path):
+    out = model.generate(["a cat", "a cup"], steps=3, seed=0, gates_dir=str(tmp_path / "gates"))
+    files = sorted(p.name for p in (tmp_path / "gates").glob("*.png"))
+    assert out.gates.shape[:2] == (3, 2) and len(files) == 6 and files[0] == "sample00_step000.png"
