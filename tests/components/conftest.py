@@ -4,8 +4,7 @@ import pytest
 
 from cheers_pl.components.processor import CheersProcessor
 from cheers_pl.components.tokenizer import FLAVORS
-
-N = 4  # tokens_per_image in the text tests
+from tests.components.text_cases import N
 
 
 @pytest.fixture(scope="session")
