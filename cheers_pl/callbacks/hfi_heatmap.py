@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from cheers_pl.analysis.hfi import (
@@ -32,10 +31,10 @@ from cheers_pl.analysis.hfi import (
     intensity_curve,
     intensity_plot,
 )
-from cheers_pl.callbacks.previews import DEFAULT_PROMPTS, _eval_mode, _fork_rng
+from cheers_pl.callbacks.sampling import FixedPromptCallback, eval_mode, fork_rng
 
 
-class HFIHeatmapCallback(pl.Callback):
+class HFIHeatmapCallback(FixedPromptCallback):
     """Log HFI heat maps and the per-step HFI intensity of the wrapped ``CheersModel``.
 
     The LightningModule must expose the ``CheersModel`` as ``pl_module.model``.
@@ -76,26 +75,16 @@ class HFIHeatmapCallback(pl.Callback):
         cmap: str = "viridis",
         panel_side: int | None = 256,
     ):
-        super().__init__()
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        super().__init__(every_n_steps, prompts, cfg_scale, steps, shift, seed, at_start)
         if normalise not in NORMALISE_MODES:
             raise ValueError(
                 f"normalise must be one of {', '.join(map(repr, NORMALISE_MODES))}; got {normalise!r}"
             )
-        self.every_n_steps = every_n_steps
-        self.prompts = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
-        if not self.prompts:
-            raise ValueError("prompts must not be empty")
-        self.cfg_scale, self.steps, self.shift, self.seed = cfg_scale, steps, shift, seed
         self.show_steps = list(show_steps) if show_steps is not None else evenly_spaced_steps(steps, 5)
         bad = [i for i in self.show_steps if not -steps <= i < steps]
         if bad:
             raise ValueError(f"show_steps {bad} out of range for {steps} denoising steps")
         self.normalise = normalise
-        self.at_start = at_start
         self.overlay_alpha, self.cmap, self.panel_side = overlay_alpha, cmap, panel_side
 
         self.last_gates: Tensor | None = None
@@ -103,39 +92,17 @@ class HFIHeatmapCallback(pl.Callback):
         self.last_t: Tensor | None = None
         self.last_heatmaps: Tensor | None = None
         self.last_plot: Tensor | None = None
-        self.last_step: int | None = None
-        self._warned_no_logger = False
         self._said_no_gate = False
 
-    # -- hooks --------------------------------------------------------------------------------
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int):
-        """Log the untrained model's maps before the first optimizer step."""
-        if self.at_start and trainer.global_step == 0:
-            self._maybe_log(trainer, pl_module)
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
-    ):
-        """Log when the (already advanced) global step is a positive multiple of ``every_n_steps``."""
-        step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0:
-            self._maybe_log(trainer, pl_module)
-
-    def _maybe_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """At most once per global step; nothing without a gate or a TensorBoard logger.
-
-        Every rank samples (sharded strategies need the collective forward passes); only global
-        rank 0 draws and logs.
-        """
-        if self.last_step == trainer.global_step:
-            return
+    # -- cadence (FixedPromptCallback) -----------------------------------------------------------
+    def wanted(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Nothing to do without a gate (``hfi: none``) or a TensorBoard logger."""
         if getattr(pl_module.model.spec, "hfi", "gated") == "none":
             self._say_no_gate()
-            return
-        if not self._tensorboard_loggers(trainer):
-            self._warn_no_logger()
-            self.last_step = trainer.global_step
-            return
+            return False
+        return super().wanted(trainer, pl_module)
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.log_heatmaps(trainer, pl_module)
 
     # -- the work -----------------------------------------------------------------------------
@@ -145,7 +112,7 @@ class HFIHeatmapCallback(pl.Callback):
         Runs wherever it is called (no step or rank check); the hooks decide when.
         """
         model, step = pl_module.model, trainer.global_step
-        with torch.no_grad(), _eval_mode(model), _fork_rng(model):
+        with torch.no_grad(), eval_mode(model), fork_rng(model):
             out = model.generate(
                 self.prompts,
                 cfg_scale=self.cfg_scale,
@@ -184,23 +151,12 @@ class HFIHeatmapCallback(pl.Callback):
         return torch.cat(figures, dim=1)
 
     # -- output -------------------------------------------------------------------------------
-    @staticmethod
-    def _tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
-        return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-
     def _log(self, trainer: pl.Trainer, step: int) -> None:
         scalars = {f"hfi/intensity/step_{i:02d}": float(v) for i, v in enumerate(self.last_curve)}
-        for logger in self._tensorboard_loggers(trainer):
+        for logger in self.tensorboard_loggers(trainer):
             logger.experiment.add_image("hfi/heatmaps", self.last_heatmaps, step)
             logger.experiment.add_image("hfi/intensity", self.last_plot, step)
             logger.log_metrics(scalars, step=step)
-
-    def _warn_no_logger(self) -> None:
-        if not self._warned_no_logger:
-            rank_zero_warn(
-                "HFIHeatmapCallback: no TensorBoardLogger in trainer.loggers; not logging HFI maps"
-            )
-            self._warned_no_logger = True
 
     def _say_no_gate(self) -> None:
         if not self._said_no_gate:

@@ -19,34 +19,28 @@ reconstruction grid has the inputs on the top row and their reconstructions belo
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchvision.utils import make_grid, save_image
 
-DEFAULT_PROMPTS = (
-    "a photo of a tabby cat",
-    "a cup of coffee on a red saucer with a spoon, on a wooden table",
-    "a handwritten digit 3",
-    "a handwritten digit 7",
-)
+from cheers_pl.callbacks.sampling import FixedPromptCallback, eval_mode, fork_rng
+
 GRID_PADDING = 2
 
 
-class PreviewCallback(pl.Callback):
+class PreviewCallback(FixedPromptCallback):
     """Log generated images and pixel-decoder reconstructions of the wrapped ``CheersModel``.
 
     The LightningModule must expose the ``CheersModel`` as ``pl_module.model``.
 
     Args:
         every_n_steps: preview whenever ``trainer.global_step`` is a positive multiple of this.
-        prompts: captions generated at each preview (default: :data:`DEFAULT_PROMPTS`).
+        prompts: captions generated at each preview (default: ``sampling.DEFAULT_PROMPTS``).
         cfg_scale, steps, shift, seed: passed to ``CheersModel.generate``; the fixed seed makes
             successive previews comparable.
         num_reconstructions: images kept from the first training batch that has ``images``
@@ -75,57 +69,27 @@ class PreviewCallback(pl.Callback):
         at_start: bool = True,
         save_dir: str | None = None,
     ):
-        super().__init__()
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        super().__init__(every_n_steps, prompts, cfg_scale, steps, shift, seed, at_start)
         if num_reconstructions < 0:
             raise ValueError(f"num_reconstructions must be >= 0, got {num_reconstructions}")
-        self.every_n_steps = every_n_steps
-        self.prompts = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
-        if not self.prompts:
-            raise ValueError("prompts must not be empty")
-        self.cfg_scale, self.steps, self.shift, self.seed = cfg_scale, steps, shift, seed
         self.num_reconstructions = num_reconstructions
-        self.at_start = at_start
         self.save_dir = save_dir
 
         self.reference_images: Tensor | None = None  # (n, 3, H, W) on CPU, float in [0, 1]
         self.last_generated: Tensor | None = None
         self.last_reconstruction: Tensor | None = None
         self.last_reconstruction_mse: float | None = None
-        self.last_step: int | None = None
-        self._warned_no_logger = False
         self._said_latent = False
 
-    # -- hooks --------------------------------------------------------------------------------
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int):
-        """Keep the reference images; preview the untrained model before the first optimizer step."""
+    # -- cadence (FixedPromptCallback) -----------------------------------------------------------
+    def observe(self, batch) -> None:
         self.remember_images(batch)
-        if self.at_start and trainer.global_step == 0:
-            self._maybe_preview(trainer, pl_module)
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
-    ):
-        """Preview when the (already advanced) global step is a positive multiple of ``every_n_steps``."""
-        self.remember_images(batch)
-        step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0:
-            self._maybe_preview(trainer, pl_module)
+    def wanted(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """With no TensorBoard logger, still preview when PNGs go to ``save_dir``."""
+        return super().wanted(trainer, pl_module) or self.save_dir is not None
 
-    def _maybe_preview(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Preview at most once per global step (it does not advance during gradient accumulation).
-
-        Every rank samples (under FSDP or DeepSpeed the forward passes are collective: a rank-0-only
-        preview would hang); only global rank 0 logs and saves.
-        """
-        if self.last_step == trainer.global_step:
-            return
-        if not self._tensorboard_loggers(trainer):
-            self._warn_no_logger()
-            if self.save_dir is None:  # nowhere to put the previews: skip the work
-                self.last_step = trainer.global_step
-                return
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.preview(trainer, pl_module)
 
     # -- the preview --------------------------------------------------------------------------
@@ -144,7 +108,7 @@ class PreviewCallback(pl.Callback):
         Runs wherever it is called (no step or rank check); the hooks decide when.
         """
         model, step = pl_module.model, trainer.global_step
-        with torch.no_grad(), _eval_mode(model), _fork_rng(model):
+        with torch.no_grad(), eval_mode(model), fork_rng(model):
             self.last_generated = self.generated_grid(model)
             recon = self.reconstruction_grid(model)
         self.last_reconstruction, self.last_reconstruction_mse = recon if recon else (None, None)
@@ -178,24 +142,12 @@ class PreviewCallback(pl.Callback):
         return _grid(torch.cat([x, recon]), nrow=x.shape[0]), mse
 
     # -- output -------------------------------------------------------------------------------
-    @staticmethod
-    def _tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
-        return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-
     def _log(self, trainer: pl.Trainer, step: int) -> None:
-        loggers = self._tensorboard_loggers(trainer)
-        if not loggers:
-            self._warn_no_logger()
-        for logger in loggers:
+        for logger in self.tensorboard_loggers(trainer):
             logger.experiment.add_image("previews/generated", self.last_generated, step)
             if self.last_reconstruction is not None:
                 logger.experiment.add_image("previews/reconstruction", self.last_reconstruction, step)
                 logger.log_metrics({"previews/reconstruction_mse": self.last_reconstruction_mse}, step)
-
-    def _warn_no_logger(self) -> None:
-        if not self._warned_no_logger:
-            rank_zero_warn("PreviewCallback: no TensorBoardLogger in trainer.loggers; not logging previews")
-            self._warned_no_logger = True
 
     def _save(self, step: int) -> None:
         if self.save_dir is None:
@@ -210,26 +162,3 @@ class PreviewCallback(pl.Callback):
 def _grid(images: Tensor, nrow: int) -> Tensor:
     """images (N,3,H,W) -> (3, H', W') float CPU grid in [0, 1], ``nrow`` images per row, padding 2."""
     return make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=GRID_PADDING)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode, then restore every submodule's own training flag."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-@contextlib.contextmanager
-def _fork_rng(model: nn.Module) -> Iterator[None]:
-    """Leave the global CPU (and the model's CUDA device) RNG state as it was found."""
-    device = model.placeholder_ids.device
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        yield
