@@ -1,0 +1,845 @@
+"""The authors' released Cheers checkpoint <-> the kit's :class:`~cheers_pl.model.CheersModel`.
+
+Name mapping (DESIGN section 7), released prefix -> kit prefix; the rest of the name is the same
+except inside the two VAE groups, which are in BFL's FLUX.2 naming there and diffusers' naming in
+the kit (:mod:`cheers_pl.io.bfl_vae`, attention 1x1-conv weights reshaped to Linear weights)::
+
+    lm_head.                                   llm.model.lm_head.       (tied to embed_tokens)
+    model.language_model.                      llm.model.model.
+    model.vision_representation.               semantic_encoder.vit.
+    model.vae_model.                 (BFL)     vae.vae.                 (diffusers)
+    model.vae_decoder_projector.     (BFL)     pixel_decoder.           (decoder.*, bn.*; BFL's
+                                               decoder.post_quant_conv is pixel_decoder.post_quant_conv)
+    model.und_projector.                       projector.
+    model.time_embed.                          cfm_head.time_embed.
+    model.gen_projector.diffusion_head_a.N.    cfm_head.stage_a_blocks.N.
+    model.gen_projector.diffusion_head_b.      cfm_head.stage_a_final.
+    model.hi_gate.                             cfm_head.hfi_gate.
+    model.hi_projector.diffusion_head_a.N.     cfm_head.stage_b_blocks.N.
+    model.hi_projector.diffusion_head_b.       cfm_head.stage_b_final.
+
+BFL keeps the quant convs inside the encoder/decoder (``encoder.quant_conv``,
+``decoder.post_quant_conv``), so every kit tensor has a released counterpart: at paper size both
+sides have 1321 tensors (the LLM's 339 count ``lm_head`` and ``embed_tokens`` separately; the two
+BatchNorms' ``num_batches_tracked`` are included). Tensors a release may lack are filled and
+reported: the tied LM head / embedding from each other (both saved: checked equal), a BatchNorm
+counter with 0, a missing quant conv with the identity (what diffusers' ``use_quant_conv=False``
+computes), the pixel decoder's post-quant conv and statistics from the frozen VAE's (D is a copy
+of it), and an absent SigLIP pooling head (unused, frozen) from the model's initialisation.
+
+Entry points: :func:`released_to_kit` / :func:`kit_to_released` (state dicts),
+:func:`load_released_folder` (a released folder -> a loaded CheersModel),
+:func:`convert_components` (the three component releases -> stage-I start folders) and
+:func:`main` (``cheers convert``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cheers_pl.io import bfl_vae
+
+INDEX_FILE = "model.safetensors.index.json"
+KIT_WEIGHTS = "model.safetensors"
+KIT_SPEC = "cheers_spec.json"
+KIT_REPORT = "conversion_report.json"
+SPEC_KEY = (
+    "cheers_pl_spec"  # optional kit extension of a released config.json (see spec_from_released_config)
+)
+
+EMBED = "llm.model.model.embed_tokens.weight"
+LM_HEAD = "llm.model.lm_head.weight"
+SIGLIP_HEAD = "semantic_encoder.vit.head."
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A released prefix <-> a kit prefix; ``vae``: a group in BFL (released) / diffusers (kit) naming."""
+
+    released: str
+    kit: str
+    vae: str | None = None  # "vae" (the whole autoencoder) or "pixel" (decoder + bn only)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("lm_head.", "llm.model.lm_head."),
+    Rule("model.language_model.", "llm.model.model."),
+    Rule("model.vision_representation.", "semantic_encoder.vit."),
+    Rule("model.vae_model.", "vae.vae.", "vae"),
+    Rule("model.vae_decoder_projector.", "pixel_decoder.", "pixel"),
+    Rule("model.und_projector.", "projector."),
+    Rule("model.time_embed.", "cfm_head.time_embed."),
+    Rule("model.gen_projector.diffusion_head_a.", "cfm_head.stage_a_blocks."),
+    Rule("model.gen_projector.diffusion_head_b.", "cfm_head.stage_a_final."),
+    Rule("model.hi_gate.", "cfm_head.hfi_gate."),
+    Rule("model.hi_projector.diffusion_head_a.", "cfm_head.stage_b_blocks."),
+    Rule("model.hi_projector.diffusion_head_b.", "cfm_head.stage_b_final."),
+)
+# VAE-local names each group may hold: BFL side (released) and diffusers side (kit)
+_GROUP_BFL = {"vae": ("encoder.", "decoder.", "bn."), "pixel": ("decoder.", "bn.")}
+_GROUP_DIFFUSERS = {
+    "vae": ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn."),
+    "pixel": ("decoder.", "post_quant_conv.", "bn."),
+}
+
+
+def _rule_for(name: str, side: str) -> Rule | None:
+    for rule in sorted(RULES, key=lambda r: -len(getattr(r, side))):
+        if name.startswith(getattr(rule, side)):
+            return rule
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+@dataclass
+class ConversionReport:
+    """What a conversion did, tensor by tensor.
+
+    Attributes:
+        mapped: (released name, kit name) of every tensor carried over.
+        filled: (kit name, how) of every kit tensor the release has no tensor for.
+        unmapped: released names with no place in the kit (leftovers on the released side).
+        missing: kit names (of the reference model) that got no tensor (leftovers on the kit side).
+        unexpected: kit names a released tensor mapped to that the reference model does not have.
+        mismatched: "kit name: released shape vs kit shape" where the shapes differ.
+        problems: other errors (a saved-twice LM head that differs from the embedding).
+        notes: remarks (config keys ignored, checks skipped).
+    """
+
+    mapped: list[tuple[str, str]] = field(default_factory=list)
+    filled: list[tuple[str, str]] = field(default_factory=list)
+    unmapped: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.unmapped or self.missing or self.unexpected or self.mismatched or self.problems)
+
+    def error(self) -> str:
+        """One message naming the leftovers (a few of each kind)."""
+        total = len(self.mapped) + len(self.unmapped)
+        parts = []
+        if self.unmapped and not self.mapped:
+            parts.append(
+                f"none of its {total} tensors has a released Cheers name; is this a Cheers checkpoint? "
+                f"Unexpected keys, e.g. {self.unmapped[:6]}"
+            )
+        elif self.unmapped:
+            parts.append(
+                f"{len(self.unmapped)} of {total} released tensors have no place in the kit "
+                f"(unexpected keys, e.g. {self.unmapped[:6]})"
+            )
+        if self.unexpected:
+            parts.append(
+                f"{len(self.unexpected)} tensors map to kit names this model does not have "
+                f"(e.g. {self.unexpected[:6]}; is the spec the checkpoint's?)"
+            )
+        if self.missing:
+            parts.append(
+                f"{len(self.missing)} kit tensors are missing from the checkpoint (e.g. {self.missing[:6]})"
+            )
+        if self.mismatched:
+            parts.append(f"{len(self.mismatched)} tensors have another shape (e.g. {self.mismatched[:4]})")
+        parts += self.problems
+        return "released checkpoint does not fit: " + "; ".join(parts)
+
+    def summary(self) -> str:
+        lines = [
+            f"mapped {len(self.mapped)} released tensors to kit names; filled {len(self.filled)}",
+            f"leftovers: {len(self.unmapped)} released unmapped, {len(self.missing)} kit missing, "
+            f"{len(self.unexpected)} kit unexpected, {len(self.mismatched)} shape mismatches",
+        ]
+        lines += [f"  filled {name}: {how}" for name, how in self.filled]
+        for label, names in (
+            ("unmapped", self.unmapped),
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+        ):
+            if names:
+                lines.append(f"  {label}: {names[:10]}{' ...' if len(names) > 10 else ''}")
+        lines += [f"  shape: {m}" for m in self.mismatched[:10]]
+        lines += [f"  problem: {p}" for p in self.problems]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# State-dict mapping
+def _group_levels(names: Iterable[str], prefix: str, naming: str) -> int | None:
+    return bfl_vae.count_up_blocks([n[len(prefix) :] for n in names if n.startswith(prefix)], naming)
+
+
+def released_name_to_kit(name: str, levels: Mapping[str, int | None] | None = None) -> str | None:
+    """The kit name of one released name, or None. ``levels``: decoder levels per VAE group."""
+    rule = _rule_for(name, "released")
+    if rule is None:
+        return None
+    rest = name[len(rule.released) :]
+    if rule.vae is None:
+        return rule.kit + rest if rest else None
+    if not rest.startswith(_GROUP_BFL[rule.vae]):
+        return None
+    local = bfl_vae.bfl_name_to_diffusers(rest, (levels or {}).get(rule.vae))
+    return None if local is None else rule.kit + local
+
+
+def kit_name_to_released(name: str, levels: Mapping[str, int | None] | None = None) -> str | None:
+    """The released name of one kit name, or None (the inverse of :func:`released_name_to_kit`)."""
+    rule = _rule_for(name, "kit")
+    if rule is None:
+        return None
+    rest = name[len(rule.kit) :]
+    if rule.vae is None:
+        return rule.released + rest if rest else None
+    if not rest.startswith(_GROUP_DIFFUSERS[rule.vae]):
+        return None
+    local = bfl_vae.diffusers_name_to_bfl(rest, (levels or {}).get(rule.vae))
+    return None if local is None else rule.released + local
+
+
+def _levels_of(names: Iterable[str], side: str) -> dict[str, int | None]:
+    names = list(names)
+    naming = "bfl" if side == "released" else "diffusers"
+    return {r.vae: _group_levels(names, getattr(r, side), naming) for r in RULES if r.vae}
+
+
+def _vae_local(name: str, side: str) -> str | None:
+    """The BFL-local name of a name inside a VAE group (for the tensor reshape), else None."""
+    rule = _rule_for(name, side)
+    if rule is None or rule.vae is None:
+        return None
+    return name[len(rule.released if side == "released" else rule.kit) :]
+
+
+def _identity_conv(channels: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    eye = torch.eye(channels, dtype=like.dtype, device=like.device).reshape(channels, channels, 1, 1)
+    return eye, torch.zeros(channels, dtype=like.dtype, device=like.device)
+
+
+def _fill(kit: dict[str, Tensor], report: ConversionReport, reference, tied: bool) -> None:
+    """Add what a release may lack (see the module docstring); every fill goes into the report."""
+
+    def wanted(name: str) -> bool:
+        return name not in kit and (reference is None or name in reference)
+
+    def put(name: str, tensor: Tensor, how: str) -> None:
+        kit[name] = tensor
+        report.filled.append((name, how))
+
+    if tied:
+        if EMBED in kit and LM_HEAD in kit:
+            a, b = kit[EMBED], kit[LM_HEAD]
+            if a.is_meta or b.is_meta:
+                report.notes.append("lm_head and embed_tokens both saved; not compared (meta tensors)")
+            elif a.shape != b.shape or not torch.equal(a, b.to(a.dtype)):
+                report.problems.append(
+                    "lm_head.weight differs from model.language_model.embed_tokens.weight but the LLM "
+                    "ties them (tie_word_embeddings=True); load it untied (llm override "
+                    "tie_word_embeddings=False) or check the checkpoint"
+                )
+            else:
+                report.notes.append("lm_head and embed_tokens both saved and equal (tied)")
+        elif EMBED in kit and wanted(LM_HEAD):
+            put(LM_HEAD, kit[EMBED], "tied: the LM head is the token embedding (saved once)")
+        elif LM_HEAD in kit and wanted(EMBED):
+            put(EMBED, kit[LM_HEAD], "tied: the token embedding is the LM head (saved once)")
+
+    for bn in ("vae.vae.bn.", "pixel_decoder.bn."):
+        if bn + "running_mean" in kit and wanted(bn + "num_batches_tracked"):
+            put(
+                bn + "num_batches_tracked",
+                torch.zeros((), dtype=torch.long),
+                "0 (BatchNorm counter, unused in eval)",
+            )
+
+    conv_out, conv_in = "vae.vae.encoder.conv_out.weight", "vae.vae.decoder.conv_in.weight"
+    for conv, src, dim in (("vae.vae.quant_conv", conv_out, 0), ("vae.vae.post_quant_conv", conv_in, 1)):
+        if src in kit and wanted(conv + ".weight") and wanted(conv + ".bias"):
+            w, b = _identity_conv(kit[src].shape[dim], kit[src])
+            put(conv + ".weight", w, "identity 1x1 conv (the release has none: use_quant_conv=False)")
+            put(conv + ".bias", b, "zero (identity quant conv)")
+
+    if any(k.startswith("pixel_decoder.decoder.") for k in kit):
+        for local in ("post_quant_conv.weight", "post_quant_conv.bias") + tuple(
+            f"bn.{b}" for b in ("running_mean", "running_var", "num_batches_tracked")
+        ):
+            src = "vae.vae." + local
+            if src in kit and wanted("pixel_decoder." + local):
+                put("pixel_decoder." + local, kit[src], f"copied from {src} (D starts as the VAE's decoder)")
+
+    if reference is not None:
+        for name in reference:
+            if name.startswith(SIGLIP_HEAD) and wanted(name):
+                put(name, reference[name], "the model's initialisation (SigLIP pooling head: unused, frozen)")
+
+
+def released_to_kit(
+    state: Mapping[str, Tensor],
+    reference: Mapping[str, Tensor] | None = None,
+    strict: bool = True,
+    tied: bool = True,
+) -> tuple[dict[str, Tensor], ConversionReport]:
+    """A released-layout state dict -> (CheersModel state dict, report).
+
+    Args:
+        state: released names -> tensors (DESIGN section 7).
+        reference: the target model's state dict (meta tensors are fine): with it, kit names it
+            lacks, names it has that got no tensor, and shape mismatches are leftovers too, and
+            an absent SigLIP pooling head is filled from it.
+        strict: raise ``ValueError`` naming the leftovers (otherwise they are only reported).
+        tied: the LLM ties ``lm_head`` to ``embed_tokens`` (a tensor saved once fills the other;
+            saved twice, they must be equal).
+    """
+    report = ConversionReport()
+    levels = _levels_of(state, "released")
+    kit: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}
+    for name, tensor in state.items():
+        try:
+            new = released_name_to_kit(name, levels)
+        except ValueError:
+            new = None
+        if new is None:
+            report.unmapped.append(name)
+            continue
+        if new in kit:
+            raise ValueError(f"released names {origin[new]!r} and {name!r} both map to {new!r}")
+        local = _vae_local(name, "released")
+        kit[new] = bfl_vae.bfl_tensor_to_diffusers(local, tensor) if local is not None else tensor
+        origin[new] = name
+        report.mapped.append((name, new))
+    _fill(kit, report, reference, tied)
+    if reference is not None:
+        report.missing = sorted(set(reference) - set(kit))
+        report.unexpected = sorted(set(kit) - set(reference))
+        report.mismatched = sorted(
+            f"{k}: {tuple(kit[k].shape)} vs {tuple(reference[k].shape)}"
+            for k in set(kit) & set(reference)
+            if tuple(kit[k].shape) != tuple(reference[k].shape)
+        )
+    report.unmapped.sort()
+    if strict and not report.ok:
+        raise ValueError(report.error())
+    return kit, report
+
+
+def kit_to_released(kit_state: Mapping[str, Tensor], lm_head: bool = True) -> dict[str, Tensor]:
+    """A CheersModel state dict in the released layout (the inverse of :func:`released_to_kit`).
+
+    ``lm_head=False`` saves the tied LM head once (only ``embed_tokens``); the release saves both.
+    Raises naming any kit tensor the released layout has no place for (e.g. the latent-mode patch
+    embedding of the TUNA-style ablation).
+    """
+    levels = _levels_of(kit_state, "kit")
+    out: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}
+    unknown = []
+    for name, tensor in kit_state.items():
+        if name == LM_HEAD and not lm_head:
+            continue
+        new = kit_name_to_released(name, levels)
+        if new is None:
+            unknown.append(name)
+            continue
+        if new in out:
+            raise ValueError(f"kit names {origin[new]!r} and {name!r} both map to released {new!r}")
+        local = _vae_local(new, "released")
+        out[new] = bfl_vae.diffusers_tensor_to_bfl(local, tensor) if local is not None else tensor
+        origin[new] = name
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} kit tensors have no place in the released layout (e.g. {unknown[:6]}); "
+            "only the released architecture (hfi gated or none, pixel_reconstruct='decode') converts"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Released config -> CheersSpec
+_META_KEYS = {
+    "model_type",
+    "architectures",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "_name_or_path",
+    "auto_map",
+}
+
+
+def _text_overrides(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in cfg.items():
+        if key in _META_KEYS:
+            continue
+        if key == "rope_theta":  # transformers 4.x spelling
+            out["rope_parameters"] = {"rope_type": "default", "rope_theta": float(value)}
+        else:
+            out[key] = value
+    return out
+
+
+def _vision_overrides(cfg: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
+    out = {k: v for k, v in cfg.items() if k not in _META_KEYS and k != "num_patches"}
+    if "num_patches" in cfg and "image_size" in cfg and "patch_size" in cfg:
+        derived = (cfg["image_size"] // cfg["patch_size"]) ** 2
+        if derived != cfg["num_patches"]:
+            raise ValueError(
+                f"vision_representation_config: num_patches={cfg['num_patches']} but "
+                f"(image_size / patch_size)^2 = {derived}"
+            )
+    if "model_type" in cfg:
+        notes.append(
+            f"vision_representation_config.model_type={cfg['model_type']!r} read as a SigLIP vision tower"
+        )
+    return out
+
+
+def spec_from_released_config(config: Mapping[str, Any]):
+    """The kit's :class:`~cheers_pl.spec.CheersSpec` for a released ``config.json``; returns (spec, notes).
+
+    Paper flavors, ``compat="released"``, with ``text_config`` as LLM overrides,
+    ``vision_representation_config`` as SigLIP overrides, and the projector / CFM-head widths
+    following them. A kit extension, the optional key ``"cheers_pl_spec"``, holds CheersSpec
+    fields (components as ``{"flavor", "path", "overrides"}``) that take precedence: it is how a
+    checkpoint of another size (the tests' tiny one) says which flavors it was built from.
+    """
+    from cheers_pl.spec import COMPONENT_FIELDS, CheersSpec, ComponentSpec
+
+    notes: list[str] = []
+    extra = dict(config.get(SPEC_KEY) or {})
+    text = _text_overrides(config.get("text_config") or {})
+    vision = _vision_overrides(config.get("vision_representation_config") or {}, notes)
+    th, vh = text.get("hidden_size"), vision.get("hidden_size")
+    derived: dict[str, dict[str, Any]] = {
+        "llm": text,
+        "semantic_encoder": vision,
+        "projector": {k: v for k, v in (("vision_hidden", vh), ("llm_hidden", th)) if v is not None},
+        "cfm_head": {k: v for k, v in (("width_a", th), ("width_b", vh)) if v is not None},
+    }
+    parts = {}
+    for name in COMPONENT_FIELDS:
+        given = extra.pop(name, None)
+        comp = ComponentSpec(**given) if isinstance(given, Mapping) else (given or ComponentSpec("paper"))
+        if comp.flavor == "pretrained":
+            if derived.get(name):
+                notes.append(f"{name}: flavor 'pretrained' reads its own config; released sizes not applied")
+        else:
+            comp = ComponentSpec(comp.flavor, comp.path, {**derived.get(name, {}), **comp.overrides})
+        parts[name] = comp
+    for key in ("vae_encoder_config", "vae_decoder_config"):
+        if key in config:
+            notes.append(f"{key}={config[key]} ignored (BFL's resolution changes no tensor)")
+    extra.setdefault("compat", "released")
+    return CheersSpec(**parts, **extra), notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+def read_safetensors_folder(folder: str | Path) -> dict[str, Tensor]:
+    """Every tensor of a folder's ``*.safetensors`` shards (through the index json when there is one)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    weight_map = None
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({folder / f for f in weight_map.values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+    state: dict[str, Tensor] = {}
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"{index} names the shard {path.name}, which is not in {folder}")
+        for name, tensor in load_file(str(path)).items():
+            if name in state:
+                raise ValueError(f"{folder}: tensor {name!r} is in more than one shard")
+            state[name] = tensor
+    if weight_map is not None and set(weight_map) != set(state):
+        lost, extra = sorted(set(weight_map) - set(state)), sorted(set(state) - set(weight_map))
+        raise ValueError(
+            f"{index} disagrees with the shards: listed but absent {lost[:5]}, unlisted {extra[:5]}"
+        )
+    return state
+
+
+def _unshared(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous tensors, cloning any that shares storage with an earlier one (safetensors refuses ties)."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        t = tensor.contiguous()
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            t = t.clone() if ptr in seen else t
+            seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+def save_released_folder(
+    state: Mapping[str, Tensor], folder: str | Path, config: Mapping[str, Any], num_shards: int = 1
+) -> Path:
+    """Write a released-layout state dict as ``num_shards`` safetensors shards + index json + ``config``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = _unshared(state)
+    names = list(state)
+    per = -(-len(names) // max(num_shards, 1))
+    weight_map, total = {}, 0
+    for i in range(num_shards):
+        chunk = names[i * per : (i + 1) * per]
+        file = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" if num_shards > 1 else KIT_WEIGHTS
+        save_file({n: state[n] for n in chunk}, str(folder / file), {"format": "pt"})
+        for n in chunk:
+            weight_map[n] = file
+            total += state[n].numel() * state[n].element_size()
+    if num_shards > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def read_released_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (expected a released Cheers folder)")
+    return json.loads(path.read_text())
+
+
+def _tied(spec) -> bool:
+    return bool(getattr(spec.resolve().llm, "tie_word_embeddings", True))
+
+
+def load_released(path: str | Path, dtype: torch.dtype | None = None, strict: bool = True):
+    """A released Cheers folder -> (CheersModel in eval mode with its weights, ConversionReport).
+
+    Reads ``config.json`` (:func:`spec_from_released_config`), all safetensors shards, converts
+    the names (:func:`released_to_kit`, against the model's own state dict) and loads strictly.
+    ``dtype`` casts the model after loading (default: the kit's float32).
+    """
+    from cheers_pl.model import CheersModel
+
+    spec, notes = spec_from_released_config(read_released_config(path))
+    state = read_safetensors_folder(path)
+    model = CheersModel(spec)
+    kit, report = released_to_kit(state, reference=model.state_dict(), strict=strict, tied=_tied(spec))
+    report.notes = notes + report.notes
+    model.load_state_dict(kit, strict=strict)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval(), report
+
+
+def load_released_folder(path: str | Path, dtype: torch.dtype | None = None) -> Any:
+    """A released Cheers folder -> a loaded :class:`~cheers_pl.model.CheersModel` (:func:`load_released`)."""
+    return load_released(path, dtype)[0]
+
+
+def convert_released_state(path: str | Path, strict: bool = True):
+    """(kit state dict, spec, report) of a released folder without building the model's weights.
+
+    The names and shapes are checked against the spec's model built on the meta device; only an
+    absent SigLIP pooling head (if any) is built for real, to fill it.
+    """
+    from cheers_pl import registry
+    from cheers_pl.model import CheersModel
+
+    spec, notes = spec_from_released_config(read_released_config(path))
+    state = read_safetensors_folder(path)
+    with torch.device("meta"):
+        reference = CheersModel(spec).state_dict()
+    kit, report = released_to_kit(state, reference=reference, strict=strict, tied=_tied(spec))
+    report.notes = notes + report.notes
+    if any(v.is_meta for v in kit.values()):
+        resolved = spec.resolve()
+        vit = (
+            registry.get("semantic_encoder", spec.semantic_encoder.flavor)
+            .build(resolved.semantic_encoder)
+            .vit
+        )
+        real = {"semantic_encoder.vit." + k: v for k, v in vit.state_dict().items()}
+        kit = {k: (real[k] if v.is_meta else v) for k, v in kit.items()}
+    return kit, spec, report
+
+
+def _cast(state: Mapping[str, Tensor], dtype: str) -> dict[str, Tensor]:
+    if dtype == "keep":
+        return dict(state)
+    target = getattr(torch, dtype)
+    return {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def write_kit_weights(src: str | Path, out: str | Path, dtype: str = "keep", strict: bool = True):
+    """Convert a released folder into kit weights at ``out``; returns the report.
+
+    ``out`` a folder: ``model.safetensors`` (kit names), ``cheers_spec.json`` (the spec as a dict,
+    ``CheersSpec(**json)`` rebuilds it) and ``conversion_report.json``. ``out`` ending in ``.pt`` or
+    ``.ckpt``: one torch file ``{"state_dict": {"model." + name: tensor}, "cheers_spec": ...}``,
+    which :func:`cheers_pl.stages.weights.read_state_dict` reads.
+    """
+    from safetensors.torch import save_file
+
+    kit, spec, report = convert_released_state(src, strict)
+    kit = _cast(kit, dtype)
+    spec_dict = dataclasses.asdict(spec)
+    out = Path(out)
+    if out.suffix in (".pt", ".ckpt"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"state_dict": {"model." + k: v for k, v in kit.items()}, "cheers_spec": spec_dict}
+        torch.save({**payload, "conversion_report": report.to_dict()}, out)
+        return report
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(_unshared(kit), str(out / KIT_WEIGHTS), {"format": "pt"})
+    (out / KIT_SPEC).write_text(json.dumps(spec_dict, indent=2))
+    (out / KIT_REPORT).write_text(json.dumps(report.to_dict(), indent=1))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Component releases (stage-I starting folders)
+@dataclass
+class ComponentFolders:
+    """The folders :func:`convert_components` wrote, and what it noticed."""
+
+    siglip: Path | None = None
+    qwen: Path | None = None
+    vae: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def spec(self, **fields: Any):
+        """``CheersSpec.pretrained`` over these folders (all three must exist)."""
+        from cheers_pl.spec import CheersSpec
+
+        if None in (self.siglip, self.qwen, self.vae):
+            raise ValueError("spec() needs all three component folders (siglip, qwen, vae)")
+        return CheersSpec.pretrained(str(self.siglip), str(self.qwen), str(self.vae), **fields)
+
+
+def _header_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a folder's safetensors files, read from their headers only."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+    shapes = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in sorted(src.iterdir()):
+        if item.name.startswith(".") or not item.is_file():
+            continue
+        target = dst / item.name
+        if target.exists():
+            target.unlink()
+        try:
+            os.link(item, target)
+        except OSError:
+            shutil.copy2(item, target)
+
+
+def convert_siglip(src: str | Path, dst: str | Path) -> tuple[Path, list[str]]:
+    """A SigLIP(2) checkpoint folder (full ``SiglipModel``: ``vision_model.*`` + text tower, or a vision
+    tower alone) -> a ``SiglipVisionModel`` folder (``save_pretrained``). Returns (dst, notes)."""
+    from transformers import SiglipConfig, SiglipVisionConfig, SiglipVisionModel
+
+    src, dst, notes = Path(src), Path(dst), []
+    raw = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else None
+    if raw is None:
+        raise FileNotFoundError(f"siglip: no config.json in {src}")
+    if "vision_config" in raw:
+        vcfg = SiglipConfig.from_pretrained(src).vision_config
+    elif raw.get("model_type") in ("siglip_vision_model", "siglip2_vision_model") or "patch_size" in raw:
+        vcfg = SiglipVisionConfig.from_pretrained(src)
+    else:
+        raise ValueError(f"siglip: {src}/config.json is neither a SigLIP model nor a SigLIP vision config")
+    state = read_safetensors_folder(src)
+    text = [k for k in state if k.startswith("text_model.") or k in ("logit_scale", "logit_bias")]
+    vision = {k[len("vision_model.") :]: v for k, v in state.items() if k.startswith("vision_model.")}
+    if not vision:  # a vision tower saved flat (transformers 5 SiglipVisionModel)
+        vision = {k: v for k, v in state.items() if k not in text}
+    other = sorted(set(state) - set(text) - {"vision_model." + k for k in vision} - set(vision))
+    if other:
+        raise ValueError(f"siglip: {len(other)} tensors are neither vision nor text tower (e.g. {other[:6]})")
+    if text:
+        notes.append(f"siglip: dropped the text tower ({len(text)} tensors)")
+    if not any(k.startswith("head.") for k in vision) and vcfg.vision_use_head:
+        vcfg.vision_use_head = False
+        notes.append("siglip: no pooling head in the checkpoint; vision_use_head=False")
+    with torch.device("meta"):
+        model = SiglipVisionModel(vcfg)
+    own = {k for k in model.state_dict()}
+    missing, unexpected = sorted(own - set(vision)), sorted(set(vision) - own)
+    if missing or unexpected:
+        raise ValueError(
+            f"siglip: the vision tower does not fit its config: missing {missing[:6]}, "
+            f"unexpected {unexpected[:6]}"
+        )
+    model = SiglipVisionModel(vcfg)
+    model.load_state_dict(vision, strict=True)
+    model.to(next(iter(vision.values())).dtype)
+    model.save_pretrained(dst)
+    return dst, notes
+
+
+def prepare_qwen(src: str | Path, dst: str | Path) -> tuple[Path, list[str]]:
+    """Check that a Qwen2.5 folder loads as ``Qwen2ForCausalLM`` (names and shapes, from the safetensors
+    headers) and hard-link (or copy) its files into ``dst``. Returns (dst, notes)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    src, dst, notes = Path(src), Path(dst), []
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"qwen: no config.json in {src}")
+    model_type = json.loads((src / "config.json").read_text()).get("model_type")
+    if model_type != "qwen2":
+        raise ValueError(f"qwen: {src} has model_type={model_type!r}, expected 'qwen2'")
+    cfg = Qwen2Config.from_pretrained(src)
+    with torch.device("meta"):
+        reference = {k: tuple(v.shape) for k, v in Qwen2ForCausalLM(cfg).state_dict().items()}
+    shapes = _header_shapes(src)
+    missing = sorted(set(reference) - set(shapes))
+    if cfg.tie_word_embeddings and missing == ["lm_head.weight"]:
+        missing = []
+        notes.append("qwen: lm_head saved once (tied to embed_tokens)")
+    unexpected = sorted(set(shapes) - set(reference))
+    bad = sorted(
+        f"{k}: {shapes[k]} vs {reference[k]}"
+        for k in set(shapes) & set(reference)
+        if shapes[k] != reference[k]
+    )
+    if missing or unexpected or bad:
+        raise ValueError(
+            f"qwen: {src} does not load: missing {missing[:6]}, unexpected {unexpected[:6]}, shapes {bad[:3]}"
+        )
+    if not any((src / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        notes.append("qwen: no tokenizer files; give CheersSpec.pretrained a tokenizer= folder")
+    _link_or_copy(src, dst)
+    return dst, notes
+
+
+def prepare_vae(src: str | Path, dst: str | Path, config=None) -> tuple[Path, list[str]]:
+    """A FLUX.2 VAE: BFL-named weights (a file, or a folder with one) -> a diffusers folder; an
+    existing diffusers folder (``config.json`` + diffusers names) is checked and linked."""
+    from safetensors import safe_open
+
+    src, dst = Path(src), Path(dst)
+    weights = bfl_vae._weights_file(src)
+    with safe_open(str(weights), framework="pt") as f:
+        names = list(f.keys())
+    diffusers_named = any(n.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for n in names)
+    if diffusers_named:
+        if not (src.is_dir() and (src / "config.json").is_file()):
+            raise FileNotFoundError(f"vae: {weights} is diffusers-named but has no config.json beside it")
+        kwargs = bfl_vae._read_config(src)
+        reference = bfl_vae.meta_autoencoder(**kwargs).state_dict()
+        with safe_open(str(weights), framework="pt") as f:
+            meta = {n: torch.empty(f.get_slice(n).get_shape(), device="meta") for n in names}
+        bfl_vae.check_against(meta, reference, f"vae: {src}")
+        _link_or_copy(src, dst)
+        return dst, ["vae: already a diffusers folder; linked"]
+    return bfl_vae.convert_bfl_vae_folder(weights, dst, config), ["vae: BFL names converted to diffusers"]
+
+
+def convert_components(
+    siglip: str | Path | None = None,
+    qwen: str | Path | None = None,
+    vae: str | Path | None = None,
+    out: str | Path = "components",
+    vae_config=None,
+) -> ComponentFolders:
+    """The three component releases as stage-I start folders under ``out`` (only those given).
+
+    ``out/siglip``: the SigLIP2 vision tower of a full SiglipModel checkpoint; ``out/qwen``: the
+    Qwen2.5 folder, verified and linked; ``out/vae``: the FLUX.2 VAE, BFL -> diffusers names.
+    ``.spec()`` of the result is the matching ``CheersSpec.pretrained``.
+    """
+    if siglip is None and qwen is None and vae is None:
+        raise ValueError("convert_components: give at least one of siglip=, qwen=, vae=")
+    out = Path(out)
+    result = ComponentFolders()
+    for name, src, fn in (("siglip", siglip, convert_siglip), ("qwen", qwen, prepare_qwen)):
+        if src is not None:
+            path, notes = fn(src, out / name)
+            setattr(result, name, path)
+            result.notes += notes
+    if vae is not None:
+        result.vae, notes = prepare_vae(vae, out / "vae", vae_config)
+        result.notes += notes
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cheers convert",
+        description="Convert the released Cheers checkpoint (SRC: config.json + safetensors shards) into "
+        "kit weights, and/or the SigLIP2 / Qwen2.5 / FLUX.2-VAE releases into stage-I folders.",
+    )
+    parser.add_argument("src", nargs="?", help="released Cheers folder")
+    parser.add_argument("--out", required=True, help="output folder (or CKPT.pt for a torch file)")
+    parser.add_argument("--dtype", default="keep", choices=["keep", "bfloat16", "float32"])
+    parser.add_argument("--allow-leftovers", action="store_true", help="report leftovers instead of failing")
+    parser.add_argument("--siglip", help="SigLIP2 checkpoint folder -> OUT/siglip")
+    parser.add_argument("--qwen", help="Qwen2.5 folder -> OUT/qwen")
+    parser.add_argument("--vae", help="FLUX.2 VAE in BFL naming (file or folder) -> OUT/vae")
+    parser.add_argument("--vae-config", help="AutoencoderKLFlux2 config.json (default: FLUX.2's)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``cheers convert SRC --out DIR`` (and ``--siglip/--qwen/--vae`` for the component releases)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    components = (args.siglip, args.qwen, args.vae)
+    if args.src is None and all(c is None for c in components):
+        parser.error("give SRC (a released Cheers folder) and/or --siglip/--qwen/--vae")
+    if args.src is not None:
+        report = write_kit_weights(args.src, args.out, args.dtype, strict=not args.allow_leftovers)
+        print(report.summary())
+        print(f"wrote kit weights to {args.out}")
+    if any(c is not None for c in components):
+        out = Path(args.out) if args.src is None else Path(args.out) / "components"
+        folders = convert_components(*components, out=out, vae_config=args.vae_config)
+        for name in ("siglip", "qwen", "vae"):
+            if getattr(folders, name) is not None:
+                print(f"{name}: {getattr(folders, name)}")
+        for note in folders.notes:
+            print(f"note: {note}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
