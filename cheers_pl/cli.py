@@ -1,95 +1,42 @@
-"""The ``cheers`` command (also ``python -m cheers_pl``): thin subcommands over plain functions."""
+"""The ``cheers`` command (also ``python -m cheers_pl``): a table of subcommands over plain functions.
+
+Each subcommand is ``module:function(argv) -> exit code`` with its own parser (``--help``);
+modules are imported only when their subcommand runs, so ``cheers --help`` stays instant.
+"""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from importlib import import_module
 
 from cheers_pl import __version__
 
-
-def cmd_flavors(args: argparse.Namespace) -> int:
-    """Print every component kind and its flavors."""
-    from cheers_pl import registry
-
-    for kind in registry.kinds():
-        names = ", ".join(
-            f"{name} ({f.doc})" if f.doc else name for name, f in registry.COMPONENTS[kind].items()
-        )
-        print(f"{kind:18s} {names}")
-    return 0
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    """Resolve a preset spec, build it on the meta device (no memory) and print its sizes."""
-    import torch
-
-    from cheers_pl.model import CheersModel, parameter_summary
-    from cheers_pl.spec import CheersSpec
-
-    spec = getattr(CheersSpec, args.preset)(hfi=args.hfi, pixel_reconstruct=args.pixel_reconstruct)
-    with torch.device("meta"):
-        model = CheersModel(spec)
-    side, channels, n = model.latent_side, model.latent_channels, model.tokens_per_image
-    print(f"image {model.image_size}px -> z1 ({channels}, {side}, {side}); {n} LLM tokens")
-    for name, total, trainable in parameter_summary(model):
-        print(f"{name:18s} {total:>15,d} params  {trainable:>15,d} trainable")
-    return 0
-
-
-def cmd_smoke(args: argparse.Namespace) -> int:
-    """Build a tiny CheersModel, train one step, generate an image and answer a question."""
-    from cheers_pl.smoke import run_smoke
-
-    report = run_smoke(steps=args.steps, seed=args.seed, out=args.out)
-    for key, value in report.items():
-        print(f"{key}: {value}")
-    return 0
-
-
-def _add_data_commands(parser: argparse.ArgumentParser) -> None:
-    from data_recipes.cli import add_commands
-
-    add_commands(parser.add_subparsers(dest="recipe", metavar="RECIPE"))
-
-
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+COMMANDS = {  # name: (target, help)
+    **{n: ("cheers_pl.lightning_cli:main", f"LightningCLI {n}: YAML runs") for n in LIGHTNING_SUBCOMMANDS},
+    "demo": ("cheers_pl.demo:main", "the demo: stage I then II, tiny, on the bundled data, on CPU"),
+    "sweep": ("cheers_pl.sweep:main", "a base stage under ablation overlays, with a results table"),
+    "data": ("data_recipes.cli:main", "build WebDataset shards from datasets (recipes)"),
+    "generate": ("cheers_pl.inference:main_generate", "text-to-image, with a repro card"),
+    "answer": ("cheers_pl.inference:main_answer", "answer questions about images"),
+    "edit": ("cheers_pl.inference:main_edit", "zero-shot image editing (paper appendix B)"),
+    "export": ("cheers_pl.io.export:main", "a checkpoint as a Hugging-Face-style folder"),
+    "convert": ("cheers_pl.io.released:main", "the authors' released checkpoint into the kit"),
+    "geneval": ("cheers_pl.eval.geneval:main", "GenEval image folder for its scorer"),
+    "dpg": ("cheers_pl.eval.dpg:main", "DPG-Bench image folder for its scorer"),
+    "flavors": ("cheers_pl.info:main_flavors", "list component kinds and their flavors"),
+    "info": ("cheers_pl.info:main_info", "sizes and parameter counts of a preset (meta device)"),
+    "smoke": ("cheers_pl.smoke:main", "tiny model on CPU: train steps, generate, answer"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    epilog = (
-        "YAML runs: cheers fit -c experiments/stage1_alignment.yaml [-c experiments/tiny.yaml] (LightningCLI)"
-    )
-    parser = argparse.ArgumentParser(
-        prog="cheers", description="CHEERS experiment kit (PyTorch Lightning).", epilog=epilog
-    )
-    parser.add_argument("--version", action="version", version=f"cheers-pl {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in LIGHTNING_SUBCOMMANDS:
-        sub.add_parser(name, help=f"LightningCLI {name} (see `cheers {name} --help`)", add_help=False)
-    p = sub.add_parser("flavors", help="list component kinds and their flavors")
-    p.set_defaults(func=cmd_flavors)
-    p = sub.add_parser(
-        "demo", help="the demo: stage I then II, tiny, on the bundled data, on CPU", add_help=False
-    )
-    sub.add_parser(
-        "sweep", help="a base stage under a list of ablation overlays, with a results table", add_help=False
-    )
-    p = sub.add_parser("data", help="build WebDataset shards from datasets (recipes)")
-    p.set_defaults(func=lambda _: p.print_help() or 0)
-    _add_data_commands(p)
-    p = sub.add_parser("info", help="parameter counts and sizes of a preset (built on the meta device)")
-    p.add_argument("--preset", choices=["tiny", "paper"], default="paper")
-    p.add_argument("--hfi", choices=["gated", "none"], default="gated")
-    p.add_argument("--pixel-reconstruct", choices=["decode", "latent"], default="decode")
-    p.set_defaults(func=cmd_info)
-    p = sub.add_parser("smoke", help="tiny model on CPU: train steps, generate, answer")
-    p.add_argument("--steps", type=int, default=2, help="optimiser steps on one fixed batch")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write the generated image as PNG here")
-    p.set_defaults(func=cmd_smoke)
-    return parser
+def usage() -> str:
+    lines = [f"usage: cheers COMMAND [options]   (cheers-pl {__version__})", "", "commands:"]
+    lines += [f"  {name:10s} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "cheers COMMAND --help for a command's options; YAML runs:",
+              "  cheers fit -c experiments/stage1_alignment.yaml [-c experiments/tiny.yaml]"]  # fmt: skip
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,21 +45,18 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(int(os.environ["CHEERS_NUM_THREADS"]))
-    if argv and argv[0] in ("demo", "sweep"):  # own argparse parsers
-        from importlib import import_module
-
-        return import_module(f"cheers_pl.{argv[0]}").main(argv[1:])
-    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:  # YAML runs go to LightningCLI
-        from cheers_pl.lightning_cli import run
-
-        run(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
         return 0
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
+    if argv[0] == "--version":
+        print(f"cheers-pl {__version__}")
         return 0
-    return args.func(args)
+    if argv[0] not in COMMANDS:
+        print(f"cheers: unknown command {argv[0]!r}; valid commands are {list(COMMANDS)}", file=sys.stderr)
+        return 2
+    module, function = COMMANDS[argv[0]][0].split(":")
+    rest = argv if argv[0] in LIGHTNING_SUBCOMMANDS else argv[1:]
+    return getattr(import_module(module), function)(rest)
 
 
 if __name__ == "__main__":

@@ -29,3 +29,9 @@ def run(argv: list[str]) -> LightningCLI:
         parser_kwargs={"parser_mode": "omegaconf+"},
         args=argv,
     )
+
+
+def main(argv: list[str]) -> int:
+    """``cheers fit ...`` etc.: ``argv`` starts with the subcommand."""
+    run(argv)
+    return 0

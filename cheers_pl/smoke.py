@@ -88,3 +88,17 @@ def run_smoke(steps: int = 2, seed: int = 0, out: str | None = None) -> dict[str
         "answer": repr(answer[0]),
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``cheers smoke``: tiny model on CPU, train steps, generate, answer."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="cheers smoke", description=main.__doc__)
+    parser.add_argument("--steps", type=int, default=2, help="optimiser steps on one fixed batch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="write the generated image as PNG here")
+    args = parser.parse_args(argv)
+    for key, value in run_smoke(steps=args.steps, seed=args.seed, out=args.out).items():
+        print(f"{key}: {value}")
+    return 0

@@ -35,3 +35,19 @@ def test_info_prints_paper_sizes_without_allocating(capsys):
     text = capsys.readouterr().out
     assert "256 LLM tokens" in text
     assert "1,543,714,304" in text and "428,772,800" in text
+
+
+def test_unknown_commands_name_the_valid_ones(capsys):
+    assert main(["bogus"]) == 2
+    assert "valid commands are" in capsys.readouterr().err
+    assert main(["--version"]) == 0 and "cheers-pl" in capsys.readouterr().out
+
+
+def test_every_command_has_help():
+    from importlib import import_module
+
+    from cheers_pl.cli import COMMANDS
+
+    for name, (target, _) in COMMANDS.items():
+        module, function = target.split(":")
+        assert callable(getattr(import_module(module), function)), name
