@@ -40,3 +40,22 @@ def test_demo_loss_falls(demo):
     runs, _ = demo
     loss = [e.value for e in events(runs / "stage2").Scalars("train/loss")]
     assert loss[-1] < loss[0]
+
+
+def test_the_demo_model_generates_answers_and_edits_through_the_commands(demo, tmp_path):
+    from torchvision.utils import save_image
+
+    from cheers_pl.cli import main
+    from cheers_pl.smoke import photo
+
+    _, report = demo
+    ckpt = report["checkpoint"]
+    save_image(photo("chelsea", 48), tmp_path / "cat.png")
+    common = ["--model", ckpt, "--steps", "4", "--cfg", "3", "--shift", "1"]
+    assert main(["generate", *common, "--prompt", "a handwritten digit 3", "--out", str(tmp_path / "g")]) == 0
+    assert main(["edit", *common, "--image", str(tmp_path / "cat.png"), "--instruction", "make it a digit",
+                 "--out", str(tmp_path / "e")]) == 0  # fmt: skip
+    assert main(["answer", "--model", ckpt, "--image", str(tmp_path / "cat.png"), "--question", "What is it?",
+                 "--max-new-tokens", "4", "--out", str(tmp_path / "a")]) == 0  # fmt: skip
+    assert (tmp_path / "g" / "00000_00.png").is_file() and (tmp_path / "e" / "00000.png").is_file()
+    assert (tmp_path / "a" / "answers.jsonl").read_text().strip()
