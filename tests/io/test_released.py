@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cheers_pl import registry
-from cheers_pl.io import bfl_vae, released
+from cheers_pl.io import bfl_vae, components, released
 from cheers_pl.model import CheersModel
 from cheers_pl.smoke import mixed_batch
 from cheers_pl.spec import COMPONENT_FIELDS, CheersSpec
@@ -232,7 +232,7 @@ def test_component_releases_convert(tmp_path):
     bfl = bfl_vae.diffusers_to_bfl(vae.state_dict())
     save_file({k: v.contiguous() for k, v in bfl.items()}, str(tmp_path / "ae.safetensors"))
 
-    folders = released.convert_components(
+    folders = components.convert_components(
         siglip=tmp_path / "siglip-full", qwen=tmp_path / "qwen", vae=tmp_path / "ae.safetensors",
         out=tmp_path / "out", vae_config=registry.config("vae", "tiny").kwargs,
     )  # fmt: skip
@@ -253,4 +253,4 @@ def test_component_releases_convert(tmp_path):
     bad.pop("layer_types", None)
     cfg_path.write_text(json.dumps({**bad, "num_hidden_layers": 3}))  # a layer the weights lack
     with pytest.raises(ValueError, match="missing.*layers.2"):
-        released.convert_components(qwen=tmp_path / "qwen", out=tmp_path / "out2")
+        components.convert_components(qwen=tmp_path / "qwen", out=tmp_path / "out2")
