@@ -207,6 +207,7 @@ class CheersModel(nn.Module):
         use_cache: bool = True,
         generator: torch.Generator | None = None,
         gates_dir: str | None = None,
+        cfg_interval: tuple[float, float] | None = None,
     ) -> GenerationOutput:
         """Text-to-image with Euler sampling and CFG (v = v_u + s (v_c - v_u); no CFG when s == 1).
 
@@ -215,7 +216,13 @@ class CheersModel(nn.Module):
         both CFG rows, and the two LLM rows are batched. ``use_cache=False`` recomputes the whole
         sequence at every step (the reference the cached path is tested against). ``gates_dir``
         also saves every step's HFI gate map of each prompt there as PNG (implies ``return_gates``).
+        ``cfg_interval=(lo, hi)`` applies CFG only at steps whose (shifted) t lies in [lo, hi]; at
+        the other steps only the conditional rows run (the unconditional ones are skipped, using a
+        conditional-only prefix cache built on first need). None (the default): CFG at every step.
+        :func:`generate_reference` is the straightforward sampler this one is tested against.
         """
+        if cfg_interval is not None and not (len(cfg_interval) == 2 and cfg_interval[0] <= cfg_interval[1]):
+            raise ValueError(f"cfg_interval must be (lo, hi) with lo <= hi, got {cfg_interval!r}")
         return_gates = return_gates or gates_dir is not None
         device = self.placeholder_ids.device
         t_grid, dt = flow.sampling_schedule(steps, shift, last_dt)
@@ -245,7 +252,29 @@ class CheersModel(nn.Module):
         z = torch.randn(shape, generator=generator, device=device)
         gates: list[Tensor] = []
 
+        cond_cache: list = []  # the conditional rows' own prefix cache, for steps outside cfg_interval
+
+        def cond_only(z_t: Tensor, t: float) -> tuple[Tensor, Tensor | None]:
+            tokens, detail = self.visual_tokens(z_t)
+            if use_cache:
+                if not cond_cache:
+                    _, c = self.llm(
+                        prefix_embeds[:b], prefix_mask[:b], positions_from_valid(valid[:b]), use_cache=True
+                    )
+                    cond_cache.append(c)
+                hidden, _ = self.llm(tokens, img_mask[:b], img_pos[:b], cache=cond_cache[0], use_cache=True)
+                cond_cache[0].crop(-n_tok)
+            else:
+                hidden, _ = self.llm(torch.cat([prefix_embeds[:b], tokens], 1), full_mask[:b], full_pos[:b])
+                hidden = hidden[:, lp:]
+            return self.cfm_head(hidden, torch.full((b,), t, device=device), detail)
+
         def velocity(z_t: Tensor, t: float, _: int) -> Tensor:
+            if use_cfg and cfg_interval is not None and not cfg_interval[0] <= t <= cfg_interval[1]:
+                v, gate = cond_only(z_t, t)
+                if return_gates and gate is not None:
+                    gates.append(gate)
+                return v
             tokens, detail = self.visual_tokens(z_t)
             if use_cfg:
                 tokens, detail = tokens.repeat(2, 1, 1), detail.repeat(2, 1, 1)
@@ -318,6 +347,67 @@ class CheersModel(nn.Module):
             hidden, cache = self.llm(self.llm.embed(nxt[:, None]), mask, pos, cache, True)
         gen = torch.stack(out, 1) if out else ids.new_zeros(ids.shape[0], 0)
         return [p.decode(_until(row, stop)) for row in gen]
+
+
+@torch.no_grad()
+def generate_reference(
+    model: CheersModel,
+    prompts: list[str],
+    cfg_scale: float = 9.5,
+    steps: int = 80,
+    shift: float = 0.5,
+    seed: int | None = 0,
+    last_dt: str = "released",
+    cfg_interval: tuple[float, float] | None = None,
+) -> GenerationOutput:
+    """The straightforward text-to-image sampler, as the released code runs it; no shortcuts.
+
+    At every Euler step the conditional and the unconditional pass run one after the other, each
+    recomputing its own D(z_t), SigLIP and projector and the LLM over the whole sequence (text
+    prefix + ``<image_gen>`` placeholders, the image tokens scattered in) with no KV cache. The
+    noise is the same draw as :meth:`CheersModel.generate` (z of shape (B, C, S, S) from a generator
+    seeded with ``seed``), so both return the same latents up to float rounding. This is the
+    baseline of ``make bench`` (sampler speed-up) and of ``tests/test_sampler.py`` (equality).
+    """
+    device = model.placeholder_ids.device
+    p, n_tok = model.processor, model.tokens_per_image
+    t_grid, dt = flow.sampling_schedule(steps, shift, last_dt)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    if not prompts:
+        raise ValueError("generate_reference: the prompt list is empty")
+    placeholders = torch.full((n_tok,), p.image_gen_id, dtype=torch.long)
+    cond = [torch.cat([p.generation_prompt(x), placeholders]) for x in prompts]
+
+    def sequence(rows: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        batch = p.collate([{"input_ids": r, "labels": r} for r in rows], padding_side="left")
+        ids, valid = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        span = image_span_ids(ids, model.placeholder_ids, n_tok)
+        return ids, mixed_attention_mask(span, span, valid), positions_from_valid(valid)
+
+    passes = [sequence(cond)]
+    if cfg_scale != 1.0:
+        passes.append(sequence([p.null_like(r) for r in cond]))
+    shape = (len(prompts), model.latent_channels, model.latent_side, model.latent_side)
+    z = torch.randn(shape, generator=generator, device=device)
+
+    def one_pass(z_t: Tensor, t: float, ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+        tokens, detail = model.visual_tokens(z_t)
+        embeds, span = model.place_images(ids, tokens)
+        hidden, _ = model.llm(embeds, mask, pos)
+        h_img = hidden[span >= 0].view(z_t.shape[0], n_tok, -1)
+        v, _ = model.cfm_head(h_img, torch.full((z_t.shape[0],), t, device=device), detail)
+        return v
+
+    for t, step in zip(t_grid.tolist(), dt.tolist(), strict=True):
+        v_c = one_pass(z, t, *passes[0])
+        in_interval = cfg_interval is None or cfg_interval[0] <= t <= cfg_interval[1]
+        if len(passes) == 2 and in_interval:
+            v = flow.cfg_combine(v_c, one_pass(z, t, *passes[1]), cfg_scale)
+        else:
+            v = v_c
+        z = z + v * step
+    images = model.vae.decode(z).clamp(0, 1)
+    return GenerationOutput(images.float(), z, None, t_grid.float())
 
 
 def _until(row: Tensor, stop: Tensor) -> Tensor:
