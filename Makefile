@@ -64,5 +64,8 @@ tb: setup ## TensorBoard on the run folder (RUNS=runs)
 bench-data: setup ## Data loader samples/s beside the raw decode-and-resize rate (demo shards)
 	$(BIN)/python benchmarks/bench_data.py
 
+bench: setup ## Model benchmarks: train step, sampler vs the reference, mask bytes, tokens/image
+	$(BIN)/python benchmarks/bench.py
+
 clean: ## Remove caches (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info

@@ -1,0 +1,294 @@
+"""Model benchmarks on CPU: training step, sampler speed-up, attention-mask memory, tokens per image.
+
+    python benchmarks/bench.py [--repeats 3] [--sizes tiny small]      (``make bench``)
+
+Two sizes: ``tiny`` (``CheersSpec.tiny()``, 32 px, 16 tokens per image) and ``small`` (a
+small-but-real shape: Qwen2-style LLM of 4 layers at width 512, SigLIP of 2 layers at 256 with
+patch 8, a 3-block VAE (downsample 4, x2 patchify = 8), 256 px images -> 32x32 latent grid -> 256
+LLM tokens per image, as in the paper). Weights are random (the zero-initialised layers are given
+small random values so that the sampler's velocities are non-trivial).
+
+* training: forward + backward + AdamW step on one mixed batch (one understanding, one generation,
+  one text sample, as ``cheers_pl.smoke.mixed_batch``); memory is the process's peak resident set
+  (VmHWM, reset through /proc/self/clear_refs before the step) above its resident set at the start
+  of the step, i.e. activations, gradients and temporaries of one step (weights and AdamW state
+  already live). Where the reset is unavailable it falls back to the ``ru_maxrss`` delta.
+* sampler: ``CheersModel.generate`` (text-prefix KV cache, D/SigLIP/projector once per step, the
+  CFG rows batched) beside ``cheers_pl.model.generate_reference`` (the released code's loop:
+  conditional then unconditional pass, each recomputing everything, no cache), same prompts,
+  seed and steps, with the max abs difference of their latents.
+* mask: bytes of our broadcast bool (1, 1, L, L) mask at L = 4096 beside the released per-head
+  int64 (12 heads) mask, computed arithmetically.
+
+Every timing is the median of ``--repeats`` runs after one warm-up; one intra-op thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from cheers_pl.components.llm import mixed_attention_mask
+from cheers_pl.model import CheersModel, generate_reference
+from cheers_pl.smoke import mixed_batch
+from cheers_pl.spec import CheersSpec, ComponentSpec
+
+MASK_L, RELEASED_HEADS = 4096, 12
+SPEEDUP_TARGET, MASK_TARGET = 2.0, 96.0
+PROMPTS = ["a cup of coffee", "a photo of a cat sitting on a red sofa", "a mountain lake", "a red bicycle"]
+
+
+def small_spec() -> CheersSpec:
+    """The small-but-real size: 256 px, 256 tokens per image, LLM 4 x 512."""
+    c = ComponentSpec
+    return CheersSpec.tiny(
+        vae=c("tiny", overrides=dict(
+            block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3, sample_size=256,
+        )),
+        semantic_encoder=c("tiny", overrides=dict(
+            hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+            image_size=256, patch_size=8,
+        )),
+        llm=c("tiny", overrides=dict(
+            hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=2, vocab_size=1024,
+        )),
+        projector=c("tiny", overrides=dict(vision_hidden=256, llm_hidden=512)),
+        cfm_head=c("tiny", overrides=dict(
+            width_a=512, depth_a=2, heads_a=8, kv_heads_a=2, width_b=256, depth_b=1, heads_b=4,
+            kv_heads_b=2, out_channels=16, freq_dim=64,
+        )),
+    )  # fmt: skip
+
+
+SIZES: dict[str, tuple[Callable[[], CheersSpec], int, int]] = {
+    # name: (spec, prompts, sampler steps)
+    "tiny": (CheersSpec.tiny, 4, 10),
+    "small": (small_spec, 2, 6),
+}
+
+
+def build(spec: CheersSpec) -> CheersModel:
+    torch.manual_seed(0)
+    model = CheersModel(spec)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # as tests.helpers.randomize_zero_inits
+        for p in model.parameters():
+            if p.numel() and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+    """(median seconds over ``repeats`` runs after one warm-up, the last result)."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+# -- memory -----------------------------------------------------------------------------------
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_delta(fn: Callable[[], object]) -> tuple[float, str]:
+    """(MiB of peak resident memory above the start, how it was measured) for one call of ``fn``."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
+        base = _status_kib("VmRSS")
+        fn()
+        peak = _status_kib("VmHWM")
+        if base is not None and peak is not None:
+            return (peak - base) / 1024, "VmHWM - VmRSS"
+    except OSError:
+        pass
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, "ru_maxrss delta"
+
+
+# -- the measurements ---------------------------------------------------------------------------
+def bench_train(model: CheersModel, repeats: int) -> dict[str, object]:
+    model.train()
+    batch = mixed_batch(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        out = model(batch, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+
+    seconds, _ = timed(step, repeats)
+    mem, how = peak_rss_delta(step)
+    model.eval()
+    n = batch["input_ids"].shape[0]
+    return dict(
+        seconds=seconds, samples_s=n / seconds, mem_mib=mem, mem_how=how, seq=batch["input_ids"].shape[1], n=n
+    )
+
+
+def bench_sampler(model: CheersModel, n_prompts: int, steps: int, repeats: int) -> dict[str, object]:
+    prompts, kw = PROMPTS[:n_prompts], dict(cfg_scale=4.0, steps=steps, shift=0.5, seed=0)
+    ours_s, ours = timed(lambda: model.generate(prompts, **kw), repeats)
+    ref_s, ref = timed(lambda: generate_reference(model, prompts, **kw), repeats)
+    return dict(
+        ours=ours_s / n_prompts,
+        ref=ref_s / n_prompts,
+        speedup=ref_s / ours_s,
+        diff=float((ours.latents - ref.latents).abs().max()),
+        scale=float(ref.latents.abs().max()),
+        prompts=n_prompts,
+        steps=steps,
+    )
+
+
+def bench_mask(length: int = MASK_L) -> dict[str, float]:
+    """Ours allocated (a realistic mixed layout: text, 256-token images, text); released arithmetic."""
+    span = torch.full((1, length), -1, dtype=torch.long)
+    for i, start in enumerate(range(64, length - 256, 512)):
+        span[0, start : start + 256] = i
+    mask = mixed_attention_mask(span, span, torch.ones(1, length, dtype=torch.bool))
+    assert mask.shape == (1, 1, length, length) and mask.dtype == torch.bool
+    ours = mask.element_size() * mask.nelement()
+    released = RELEASED_HEADS * length * length * 8
+    return dict(ours=ours, released=released, ratio=released / ours)
+
+
+# -- output ---------------------------------------------------------------------------------------
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+
+    sizes, train, sampler = {}, {}, {}
+    for name in args.sizes:
+        make_spec, n_prompts, steps = SIZES[name]
+        model = build(make_spec())
+        sizes[name] = model
+        train[name] = bench_train(model, args.repeats)
+        sampler[name] = bench_sampler(model, n_prompts, steps, args.repeats)
+
+    print("## Sizes\n")
+    rows = []
+    for name, m in sizes.items():
+        r = m.resolved
+        rows.append([
+            name, f"{m.image_size} px", f"{m.latent_side}x{m.latent_side}x{m.latent_channels}",
+            m.tokens_per_image, f"{r.llm.num_hidden_layers} x {r.llm.hidden_size}",
+            f"{r.semantic_encoder.num_hidden_layers} x {r.semantic_encoder.hidden_size}",
+            f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f} M",
+        ])  # fmt: skip
+    print(table(["size", "image", "latent z1", "tokens/image", "LLM", "SigLIP", "params"], rows))
+
+    print("\n## Training step (forward + backward + AdamW, mixed batch: und + gen + text)\n")
+    rows = [
+        [
+            name, f"{t['n']} x {t['seq']}", f"{t['seconds'] * 1e3:.1f} ms", f"{t['samples_s']:.2f}",
+            f"{t['mem_mib']:.1f} MiB ({t['mem_how']})",
+        ]
+        for name, t in train.items()
+    ]  # fmt: skip
+    print(
+        table(["size", "batch (samples x tokens)", "step time", "samples/s", "peak memory of a step"], rows)
+    )
+
+    print("\n## Sampler (cfg 4.0, shift 0.5, same prompts / seed / steps)\n")
+    rows = [
+        [
+            name, f"{s['prompts']} x {s['steps']}", f"{s['ours']:.3f}", f"{s['ref']:.3f}",
+            f"{s['speedup']:.2f}x", f"{s['diff']:.2e} (of max {s['scale']:.2f})",
+        ]
+        for name, s in sampler.items()
+    ]  # fmt: skip
+    print(
+        table(
+            ["size", "prompts x steps", "ours s/image", "reference s/image", "speed-up", "max |latent diff|"],
+            rows,
+        )
+    )
+
+    mask = bench_mask()
+    print(f"\n## Attention mask at L = {MASK_L}\n")
+    print(
+        table(
+            ["mask", "layout", "bytes", "size"],
+            [
+                ["ours", "(1, 1, L, L) bool, broadcast over heads", f"{mask['ours']:,}", mib(mask["ours"])],
+                [
+                    "released",
+                    f"({RELEASED_HEADS} heads, L, L) int64 (arithmetic)",
+                    f"{mask['released']:,}",
+                    mib(mask["released"]),
+                ],
+                ["ratio", "", f"{mask['ratio']:.1f}x", ""],
+            ],
+        )
+    )
+
+    print("\n## Tokens per image (2x2 compression = the projector's pixel-unshuffle)\n")
+    paper = CheersSpec.paper().resolve()
+    rows = [["paper (512 px)", paper.latent_side**2, paper.tokens_per_image]]
+    rows += [[f"{n} ({m.image_size} px)", m.latent_side**2, m.tokens_per_image] for n, m in sizes.items()]
+    print(table(["size", "without compression", "with 2x2 compression"], rows))
+
+    print("\n## Targets\n")
+    rows = []
+    for name, s in sampler.items():
+        ok = s["speedup"] >= SPEEDUP_TARGET
+        rows.append(
+            [f"sampler speed-up ({name})", f">= {SPEEDUP_TARGET:g}x", f"{s['speedup']:.2f}x", _pf(ok)]
+        )
+    rows.append(
+        [
+            "mask bytes ratio",
+            f">= {MASK_TARGET:g}x",
+            f"{mask['ratio']:.1f}x",
+            _pf(mask["ratio"] >= MASK_TARGET),
+        ]
+    )
+    print(table(["target", "want", "got", "result"], rows))
+    took = time.perf_counter() - start
+    print(f"\n(total {took:.0f} s, {torch.get_num_threads()} thread, torch {torch.__version__})")
+    return 0
+
+
+def _pf(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
