@@ -16,6 +16,7 @@ Subclasses say what trains (``trains``) and their default learning rate and sche
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import Counter
@@ -24,9 +25,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.utils.checkpoint
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
+from cheers_pl.components.dit import DiTBlock
 from cheers_pl.components.processor import CheersProcessor
 from cheers_pl.model import CheersModel, CheersOutput, build_processor
 from cheers_pl.spec import CheersSpec
@@ -47,6 +50,10 @@ class CheersModule(L.LightningModule):
         weight_decay: AdamW weight decay (the paper: 0).
         betas: AdamW betas.
         init_from: a checkpoint of the previous stage whose model weights start this one.
+        gradient_checkpointing: recompute activations in the backward pass of the LLM's decoder
+            layers, SigLIP's encoder layers and the CFM head's DiT blocks (non-reentrant
+            ``torch.utils.checkpoint``; training only). For single-device or DDP runs; with
+            ``CheersFSDPStrategy`` use its ``activation_checkpointing`` instead (same units).
     """
 
     trains: str = "all"
@@ -60,6 +67,7 @@ class CheersModule(L.LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         init_from: str | None = None,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         spec = spec or CheersSpec()
@@ -80,6 +88,7 @@ class CheersModule(L.LightningModule):
         self.resolved = spec.resolve()  # configs only: bad sizes, flavors and missing folders fail here
         self.spec, self.lr, self.schedule, self.warmup_ratio = spec, lr, schedule, warmup_ratio
         self.weight_decay, self.betas, self.init_from = weight_decay, tuple(betas), init_from
+        self.gradient_checkpointing = gradient_checkpointing
         self.save_hyperparameters(ignore=["spec"])
         self.hparams["spec"] = asdict(spec)
         self.model: CheersModel | None = None
@@ -111,6 +120,8 @@ class CheersModule(L.LightningModule):
                         f"init_from {self.init_from}: {what.replace('_', ' ')}: {len(names)} tensors"
                     )
         self.set_trainable()
+        if self.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
 
     def ablation_allowances(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(missing, unexpected) name prefixes this spec's ablations add / remove vs a standard model."""
@@ -192,3 +203,28 @@ class CheersModule(L.LightningModule):
         else:
             sched = get_constant_schedule_with_warmup(opt, warmup)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def enable_gradient_checkpointing(model: CheersModel) -> None:
+    """Checkpoint the LLM's decoder layers, SigLIP's encoder layers and the CFM head's DiT blocks.
+
+    The two Hugging Face models use their own ``gradient_checkpointing_enable`` (non-reentrant).
+    The DiT blocks get an instance-level ``forward`` that runs the class's forward under
+    ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` while training with grad enabled
+    (plain otherwise): no wrapper module, so parameter names and checkpoints are unchanged.
+    """
+    kwargs = {"use_reentrant": False}
+    model.llm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    vit = model.semantic_encoder.vit
+    if getattr(vit, "supports_gradient_checkpointing", False):
+        vit.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for block in model.cfm_head.modules():
+        if isinstance(block, DiTBlock) and "forward" not in vars(block):
+            block.forward = functools.partial(_checkpointed_forward, block)
+
+
+def _checkpointed_forward(block: torch.nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    forward = type(block).forward
+    if block.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, block, *args, use_reentrant=False)
+    return forward(block, *args)
