@@ -12,7 +12,7 @@ THREADS := $(if $(filter tiny,$(PRESET)),CHEERS_NUM_THREADS=1,)
 STAGE_DATA := $(if $(filter tiny,$(PRESET)),data/demo/manifest.json,)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format clean bench-data stage1 stage2 stage3 stage4 tb demo sweep
+.PHONY: help setup test lint format clean bench bench-data stage1 stage2 stage3 stage4 tb demo sweep
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
