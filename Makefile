@@ -55,7 +55,7 @@ stage4: setup $(STAGE_DATA) ## Stage IV SFT, from stage III's last checkpoint
 demo: setup ## The main job: demo shards, stage I then II tiny on CPU, logs + checkpoint + image
 	$(BIN)/cheers demo $(ARGS)
 
-sweep: setup ## Ablation sweep: a base stage under overlays, tiny on CPU, results table (ARGS= passed on)
+sweep: setup data/demo/manifest.json ## Ablation sweep: a base stage under overlays, tiny on CPU, results table (ARGS= passed on)
 	CHEERS_NUM_THREADS=1 $(BIN)/cheers sweep $(ARGS)
 
 tb: setup ## TensorBoard on the run folder (RUNS=runs)

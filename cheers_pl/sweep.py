@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -119,24 +120,28 @@ def run_sweep(
     data_root: str | None = None,
     heldout: str | None = None,
     clip: str | None = None,
+    vae: str | None = None,
 ) -> list[dict]:
-    """Run every overlay over ``base``; write ``results.md`` / ``results.csv`` in ``out``; return the rows."""
+    """Run every overlay over ``base``; write ``results.md`` / ``results.csv`` in ``out``; return the rows.
+
+    ``vae``: a diffusers VAE folder for every run (e.g. ``runs/demo/vae``, the VAE ``make demo``
+    fits on the demo images; the tiny preset's random VAE makes image metrics meaningless).
+    """
     out_dir = Path(out)
     names = [run_name(o) for o in overlays]
     if len(set(names)) != len(names):
         raise ValueError(f"overlay names must differ: {names}")
     tiny = [str(EXPERIMENTS / "tiny.yaml")] if preset == "tiny" else []
-    extra: list[str] = []
+    common = (
+        []
+        if vae is None
+        else ["--model.init_args.spec.vae", json.dumps({"flavor": "pretrained", "path": vae})]
+    )
+    extra = list(common)
     if needs_previous_stage(base):
-        first = fit(
-            [str(EXPERIMENTS / "stage1_alignment.yaml"), *tiny],
-            out_dir / "_stage1",
-            steps,
-            seed,
-            data_root,
-            [],
-        )
-        extra = ["--model.init_args.init_from", str(first)]
+        stage1 = [str(EXPERIMENTS / "stage1_alignment.yaml"), *tiny]
+        first = fit(stage1, out_dir / "_stage1", steps, seed, data_root, common)
+        extra += ["--model.init_args.init_from", str(first)]
     root = Path(data_root or ("data/demo" if preset == "tiny" else "."))
     heldout = heldout or str(root / "heldout" if (root / "heldout").is_dir() else root / "generation")
     rows = []
@@ -187,8 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default=None, help="the stage's data root (tiny: data/demo)")
     parser.add_argument("--heldout", default=None, help="generation shards for the held-out FM loss")
     parser.add_argument("--clip", default=None, help="a local open_clip folder for the CLIP score column")
+    parser.add_argument(
+        "--vae", default=None, help="a diffusers VAE folder for every run (e.g. runs/demo/vae)"
+    )
     a = parser.parse_args(argv)
     if a.preset == "tiny":
         torch.set_num_threads(1)  # see tests/conftest.py
-    run_sweep(a.base, a.overlays, a.out, a.preset, a.steps, a.seed, a.data_root, a.heldout, a.clip)
+    run_sweep(a.base, a.overlays, a.out, a.preset, a.steps, a.seed, a.data_root, a.heldout, a.clip, a.vae)
     return 0

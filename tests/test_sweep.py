@@ -39,7 +39,13 @@ def test_two_overlay_sweep_writes_both_rows(tmp_path, demo):
     assert "| hfi_none |" in md and "heldout" in md
 
 
-def test_without_clip_weights_the_column_says_unavailable(tmp_path, demo):
+def test_without_clip_weights_the_column_says_unavailable_and_a_vae_folder_is_used(tmp_path, demo):
+    from cheers_pl import registry
+
+    vae = registry.build("vae", "tiny")
+    vae.vae.save_pretrained(tmp_path / "vae")
     rows = run_sweep(str(EXPERIMENTS / "stage1_alignment.yaml"), ["base"], str(tmp_path / "s"), steps=2,
-                     data_root=str(demo))  # fmt: skip
+                     data_root=str(demo), vae=str(tmp_path / "vae"))  # fmt: skip
     assert rows[0]["clip_score"].startswith("unavailable")
+    config = sorted((tmp_path / "s" / "base" / "tb").glob("version_*/config.yaml"))[-1].read_text()
+    assert str(tmp_path / "vae") in config
