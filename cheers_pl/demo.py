@@ -73,16 +73,13 @@ def _losses(run: Path) -> tuple[float, float]:
     return values[0], values[-1]
 
 
-def sample(ckpt: Path, vae: Path, out: Path, steps: int = 40) -> Path:
-    """Images for :data:`PROMPTS` from a stage checkpoint, saved as one PNG grid."""
+def sample(ckpt: Path, out: Path, steps: int = 40) -> Path:
+    """Images for :data:`PROMPTS` from a stage checkpoint (its saved spec), saved as one PNG grid."""
     from torchvision.utils import save_image
 
-    from cheers_pl.model import CheersModel
-    from cheers_pl.spec import CheersSpec, ComponentSpec
-    from cheers_pl.stages.weights import load_model_weights
+    from cheers_pl.io.export import load_any
 
-    model = CheersModel(CheersSpec.tiny(vae=ComponentSpec("pretrained", str(vae)))).eval()
-    load_model_weights(model, ckpt)
+    model = load_any(ckpt)
     images = model.generate(PROMPTS, cfg_scale=3.0, steps=steps, shift=1.0, seed=0).images
     path = out / "generated.png"
     save_image(images, path, nrow=len(PROMPTS), padding=2)
@@ -111,7 +108,7 @@ def run_demo(
     overlay = _overlay(out_dir, vae, preview_every)
     _stage("stage1", "stage1_alignment.yaml", out_dir, data_dir, overlay, stage1_steps)
     ckpt2 = _stage("stage2", "stage2_pretrain.yaml", out_dir, data_dir, overlay, stage2_steps)
-    image = sample(ckpt2, vae, out_dir)
+    image = sample(ckpt2, out_dir)
     report = {"logs": str(out_dir), "checkpoint": str(ckpt2), "image": str(image), "vae": str(vae)}
     print(f"\n== CHEERS demo done in {time.perf_counter() - start:.0f} s ==")
     for name in ("stage1", "stage2"):

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from cheers_pl.io.export import load_any
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 SCALARS = ("train/loss", "train/loss_text", "train/loss_fm", "previews/reconstruction_mse",
            "hfi/gate_mean", "hfi/gate_abs_mean", "hfi/gate_std")  # fmt: skip
@@ -70,18 +72,6 @@ def last_scalars(root: Path) -> dict[str, float]:
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     return {tag: acc.Scalars(tag)[-1].value for tag in SCALARS if tag in tags}
-
-
-def load_model(ckpt: Path):
-    """The CheersModel of a stage checkpoint, rebuilt from the spec in its hyperparameters."""
-    from cheers_pl.model import CheersModel
-    from cheers_pl.spec import CheersSpec
-    from cheers_pl.stages.weights import load_model_weights
-
-    hparams = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
-    model = CheersModel(CheersSpec(**hparams["spec"])).eval()
-    load_model_weights(model, ckpt)
-    return model
 
 
 @torch.no_grad()
@@ -148,7 +138,7 @@ def run_sweep(
     for overlay, name in zip(overlays, names, strict=True):
         configs = [base, *tiny] + ([] if overlay == "base" else [overlay])
         ckpt = fit(configs, out_dir / name, steps, seed, data_root, extra)
-        model = load_model(ckpt)
+        model = load_any(ckpt)
         row = {
             "run": name,
             **last_scalars(out_dir / name),
