@@ -39,6 +39,7 @@ from torch import Tensor
 
 from cheers_pl import __version__
 from cheers_pl.spec import CheersSpec, ComponentSpec
+from cheers_pl.stages.weights import check_fit
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -357,14 +358,7 @@ def load_state_strict(model, state: dict[str, Tensor], source: str | Path) -> No
         for k in group:
             if k not in state and present:
                 state[k] = state[present[0]]
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        shaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shapes[:5]]
-        raise ValueError(
-            f"{source} does not fit its spec's model: {len(missing)} missing {missing[:5]}, "
-            f"{len(unexpected)} unexpected {unexpected[:5]}, {len(shapes)} of another shape {shaped}"
-        )
+    check_fit(own, state, source)
     for name, value in state.items():
         if own[name].dtype != value.dtype:
             _module_tensor(model, name).data = own[name].data.to(value.dtype)

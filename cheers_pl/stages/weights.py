@@ -20,6 +20,27 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)} or state
 
 
+def check_fit(
+    own: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    source: str | Path,
+    allow_missing: tuple[str, ...] = (),
+    allow_unexpected: tuple[str, ...] = (),
+) -> None:
+    """Raise ``ValueError`` naming the tensors unless ``state`` fits a model whose state is ``own``:
+    no missing or unexpected name (outside the allowed prefixes), no tensor of another shape."""
+    missing = sorted(k for k in set(own) - set(state) if not k.startswith(allow_missing or ("\0",)))
+    unexpected = sorted(k for k in set(state) - set(own) if not k.startswith(allow_unexpected or ("\0",)))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        shaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shapes[:5]]
+        raise ValueError(
+            f"{source} does not fit this model: {len(missing)} missing {missing[:5]}, "
+            f"{len(unexpected)} unexpected {unexpected[:5]}, {len(shapes)} of another shape {shaped}; "
+            "was it trained with the same spec?"
+        )
+
+
 def load_model_weights(
     model: nn.Module,
     path: str | Path,
@@ -34,14 +55,6 @@ def load_model_weights(
     """
     state = read_state_dict(path)
     own = model.state_dict()
-    missing = sorted(k for k in set(own) - set(state) if not k.startswith(allow_missing or ("\0",)))
-    unexpected = sorted(k for k in set(state) - set(own) if not k.startswith(allow_unexpected or ("\0",)))
-    shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{path} does not fit this model: {len(missing)} missing (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(shapes)} of another shape "
-            f"(e.g. {shapes[:3]}); was it trained with the same spec?"
-        )
+    check_fit(own, state, path, allow_missing, allow_unexpected)
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return {"kept_initial": sorted(set(own) - set(state)), "ignored": sorted(set(state) - set(own))}
