@@ -212,7 +212,8 @@ class CheersModel(nn.Module):
         """Text-to-image with Euler sampling and CFG (v = v_u + s (v_c - v_u); no CFG when s == 1).
 
         The text prefix does not attend to the image, so its KV cache is computed once and reused at
-        every step (cropped back after each); D(z_t), SigLIP and the projector run once per step for
+        every step without a copy (a static cache: each step overwrites the image slots in place,
+        :meth:`CheersLLM.prefix_cache`); D(z_t), SigLIP and the projector run once per step for
         both CFG rows, and the two LLM rows are batched. ``use_cache=False`` recomputes the whole
         sequence at every step (the reference the cached path is tested against). ``gates_dir``
         also saves every step's HFI gate map of each prompt there as PNG (implies ``return_gates``).
@@ -241,8 +242,7 @@ class CheersModel(nn.Module):
         )
         img_pos = valid.sum(-1, keepdim=True) + torch.arange(n_tok, device=device)
         if use_cache:
-            prefix_mask = mixed_attention_mask(text_span, text_span, valid)
-            _, cache = self.llm(prefix_embeds, prefix_mask, positions_from_valid(valid), use_cache=True)
+            cache = self.llm.prefix_cache(prefix_embeds, valid, n_tok)
             img_mask = mixed_attention_mask(img_span, k_span, k_valid)
         else:
             full_mask = mixed_attention_mask(k_span, k_span, k_valid)
@@ -258,10 +258,7 @@ class CheersModel(nn.Module):
             tokens, detail = self.visual_tokens(z_t)
             if use_cache:
                 if not cond_cache:
-                    _, c = self.llm(
-                        prefix_embeds[:b], prefix_mask[:b], positions_from_valid(valid[:b]), use_cache=True
-                    )
-                    cond_cache.append(c)
+                    cond_cache.append(self.llm.prefix_cache(prefix_embeds[:b], valid[:b], n_tok))
                 hidden, _ = self.llm(tokens, img_mask[:b], img_pos[:b], cache=cond_cache[0], use_cache=True)
                 cond_cache[0].crop(-n_tok)
             else:

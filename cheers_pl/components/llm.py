@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM, StaticCache
 
 from cheers_pl.components.flavor import Flavor, apply_overrides
 
@@ -112,6 +112,25 @@ class CheersLLM(nn.Module):
             use_cache=use_cache,
         )
         return out.last_hidden_state, out.cache if use_cache else None
+
+    def prefix_cache(self, inputs_embeds: Tensor, valid: Tensor, extra: int) -> StaticCache:
+        """KV cache of a text prefix (B, Lp, H), with ``extra`` preallocated slots after it.
+
+        The cache is a ``transformers.StaticCache`` of length Lp + extra: the prefix is written once;
+        each later call with ``extra`` query tokens writes their keys and values into the slots after
+        the prefix in place (``index_copy_``), and ``cache.crop(-extra)`` rewinds the write position,
+        so every denoising step reuses the prefix without a copy. Keys of a call always span all
+        Lp + extra slots: a query's mask must be (B, 1, Lq, Lp + extra). The prefix itself attends
+        causally among its valid tokens and never to the (still empty) extra slots.
+        """
+        b, lp = valid.shape
+        cache = StaticCache(config=self.model.config, max_cache_len=lp + extra)
+        k_valid = torch.cat([valid, valid.new_zeros(b, extra)], 1)
+        span = torch.full((b, lp + extra), -1, dtype=torch.long, device=valid.device)
+        q_index = torch.arange(lp, device=valid.device)
+        mask = mixed_attention_mask(span[:, :lp], span, k_valid, q_index=q_index)
+        self(inputs_embeds, mask, positions_from_valid(valid), cache=cache, use_cache=True)
+        return cache
 
     def text_loss(self, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Token-mean cross-entropy, LM head applied only on supervised positions.

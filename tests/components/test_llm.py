@@ -148,3 +148,28 @@ def test_pretrained_round_trip(tmp_path, llm):
 def test_unknown_override_names_valid_keys():
     with pytest.raises(ValueError, match="hidden_sise.*valid keys"):
         registry.config("llm", "tiny", hidden_sise=8)
+
+
+@torch.no_grad()
+def test_prefix_cache_is_reused_in_place_and_matches_a_full_recompute(llm):
+    """Two image 'steps' over one static prefix cache: same buffers, prefix untouched, exact hidden."""
+    torch.manual_seed(1)
+    valid = torch.tensor([[False, True, True, True, True], [True, True, True, True, True]])
+    prefix = torch.randn(2, 5, llm.hidden_size)
+    cache = llm.prefix_cache(prefix, valid, T)
+    layer = cache.layers[0]
+    ptr, prefix_keys = layer.keys.data_ptr(), layer.keys[:, :, :5].clone()
+    k_span = torch.cat([torch.full((2, 5), -1), torch.zeros(2, T, dtype=torch.long)], 1)
+    k_valid = torch.cat([valid, torch.ones(2, T, dtype=torch.bool)], 1)
+    img_mask = mixed_attention_mask(torch.zeros(2, T, dtype=torch.long), k_span, k_valid)
+    img_pos = valid.sum(-1, keepdim=True) + torch.arange(T)
+    full_mask = mixed_attention_mask(k_span, k_span, k_valid)
+    full_pos = torch.cat([positions_from_valid(valid), img_pos], 1)
+    for _ in range(2):
+        tokens = torch.randn(2, T, llm.hidden_size)
+        hidden, _ = llm(tokens, img_mask, img_pos, cache=cache, use_cache=True)
+        cache.crop(-T)
+        reference, _ = llm(torch.cat([prefix, tokens], 1), full_mask, full_pos)
+        torch.testing.assert_close(hidden, reference[:, 5:], rtol=1e-5, atol=1e-5)
+        assert layer.keys.data_ptr() == ptr  # no new buffer: the image slots were overwritten
+        assert torch.equal(layer.keys[:, :, :5], prefix_keys)  # the prefix was never rewritten
