@@ -125,12 +125,22 @@ class CheersModel(nn.Module):
                 f"{self.tokens_per_image} tokens) but {n_images} images were given"
             )
 
-    def place_images(self, input_ids: Tensor, tokens: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Embeddings (B,L,H) with the image placeholders replaced by ``tokens`` (N,T,H); and span ids."""
+    def place_images(
+        self, input_ids: Tensor, tokens: Tensor | None, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Embeddings (B,L,H) with the image placeholders replaced by ``tokens`` (N,T,H); and span ids.
+
+        ``positions`` (N*T,): the placeholders' flat indices into B*L (``batch_index``); with them
+        the tokens are written by ``index_copy`` (no host sync), else by a boolean scatter.
+        """
         span = image_span_ids(input_ids, self.placeholder_ids, self.tokens_per_image)
         embeds = self.llm.embed(input_ids)
         if tokens is not None:
-            embeds = embeds.masked_scatter((span >= 0)[..., None], tokens.to(embeds.dtype))
+            tokens = tokens.to(embeds.dtype)
+            if positions is None:
+                embeds = embeds.masked_scatter((span >= 0)[..., None], tokens)
+            else:
+                embeds = embeds.flatten(0, 1).index_copy(0, positions, tokens.flatten(0, 1)).view_as(embeds)
         return embeds, span
 
     def image_is_generation(self, input_ids: Tensor, span: Tensor) -> Tensor:
@@ -138,42 +148,61 @@ class CheersModel(nn.Module):
         first = input_ids[span >= 0].view(-1, self.tokens_per_image)[:, 0]
         return first == self.processor.image_gen_id
 
+    def batch_index(self, batch: dict) -> dict[str, Tensor]:
+        """The batch's gather indices (see ``CheersProcessor.batch_index``): the loader's, if it sent
+        them (then the step has no host-device sync), else computed here from the batch."""
+        keys = ("image_positions", "gen_images", "text_positions", "text_rows")
+        if all(k in batch for k in keys):
+            return {k: batch[k] for k in keys}
+        return self.processor.batch_index(batch["input_ids"], batch["attention_mask"], batch["labels"])
+
     # -- training ----------------------------------------------------------------------------
     def forward(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> CheersOutput:
-        """Losses of a mixed batch (see the module docstring for the batch format)."""
+        """Losses of a mixed batch (see the module docstring for the batch format).
+
+        With the loader's gather indices in the batch (``CheersProcessor.batch_index``) nothing
+        here reads a device value on the host: every size is known from tensor shapes.
+        """
         input_ids, valid, labels = batch["input_ids"], batch["attention_mask"].bool(), batch["labels"]
         images = batch.get("images")
         n_img = 0 if images is None else images.shape[0]
-        self.check_placeholders(input_ids, n_img)
+        index = self.batch_index(batch)
+        positions, gen = index["image_positions"], index["gen_images"]
+        if positions.shape[0] != n_img * self.tokens_per_image:
+            n_slots = positions.shape[0]
+            raise ValueError(
+                f"the batch has {n_slots} image placeholders ({n_slots / self.tokens_per_image:g} images of "
+                f"{self.tokens_per_image} tokens) but {n_img} images were given"
+            )
+        n_gen = gen.shape[0]
         tokens = detail = None
         if n_img:
             self.check_images(images)
-            span = image_span_ids(input_ids, self.placeholder_ids, self.tokens_per_image)
-            is_gen = self.image_is_generation(input_ids, span)
+            is_gen = torch.zeros(n_img, dtype=torch.bool, device=images.device).index_fill(0, gen, True)
             z1 = self.vae.encode(images)
             z0 = torch.randn(z1.shape, generator=generator, device=z1.device, dtype=z1.dtype)
             t_gen = flow.sample_t(n_img, generator=generator, device=z1.device)
             t = torch.where(is_gen, t_gen, torch.ones_like(t_gen))
             tokens, detail = self.visual_tokens(flow.interpolate(z1, z0, t))
-        embeds, span = self.place_images(input_ids, tokens)
+        embeds, span = self.place_images(input_ids, tokens, positions)
         mask = mixed_attention_mask(span, span, valid)
         hidden, _ = self.llm(embeds, mask, positions_from_valid(valid))
         loss_text, n_text, row_sums, row_counts = self.llm.text_loss(
-            hidden, labels.masked_fill(~valid, IGNORE)
+            hidden, labels.masked_fill(~valid, IGNORE), index["text_positions"], index["text_rows"]
         )
 
         loss_fm, gate = hidden.sum() * 0.0, None
-        n_gen = int(is_gen.sum()) if n_img else 0
         over_all = self.spec.resolved_fm_loss_images == "all"
         if n_gen or (n_img and over_all):
             # "generation": the paper's loss over generation images; "all": the released code's, over
             # every image, with target 0 for understanding images (at t = 1)
-            rows = torch.ones_like(is_gen) if over_all else is_gen
-            h_img = hidden[span >= 0].view(n_img, self.tokens_per_image, -1)
+            rows = torch.arange(n_img, device=gen.device) if over_all else gen
+            h_img = hidden.flatten(0, 1).index_select(0, positions).view(n_img, self.tokens_per_image, -1)
             v, gate_all = self.cfm_head(h_img[rows], t[rows], detail[rows])
             target = torch.where(is_gen.view(-1, 1, 1, 1), flow.velocity_target(z1, z0), torch.zeros_like(z1))
             loss_fm = F.mse_loss(v.float(), target[rows].float())
-            gate = None if gate_all is None or not n_gen else gate_all[is_gen[rows]]
+            if gate_all is not None and n_gen:
+                gate = gate_all[gen] if over_all else gate_all
         loss = loss_text + self.spec.fm_weight * loss_fm
         t_out = t if n_img else None
         return CheersOutput(

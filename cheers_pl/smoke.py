@@ -52,6 +52,7 @@ def mixed_batch(model) -> dict[str, Tensor]:
     ]
     batch = p.collate(samples)
     batch["images"] = torch.stack([photo("chelsea", size), photo("coffee", size)])
+    batch.update(p.batch_index(batch["input_ids"], batch["attention_mask"], batch["labels"]))
     return batch
 
 

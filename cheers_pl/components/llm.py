@@ -132,23 +132,31 @@ class CheersLLM(nn.Module):
         self(inputs_embeds, mask, positions_from_valid(valid), cache=cache, use_cache=True)
         return cache
 
-    def text_loss(self, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def text_loss(
+        self, hidden: Tensor, labels: Tensor, positions: Tensor | None = None, rows: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Token-mean cross-entropy, LM head applied only on supervised positions.
 
         hidden (B, L, H), labels (B, L) aligned with the inputs (-100 = unsupervised); position i
-        predicts labels[i + 1]. Returns (loss, number of supervised tokens, per-row loss sums (B,),
-        per-row token counts (B,)); loss is 0 (still in the graph) when nothing is supervised.
+        predicts labels[i + 1]. ``positions`` (K,) / ``rows`` (K,): the flat indices into B*L of
+        the supervised positions and their rows, as ``CheersProcessor.batch_index`` computes them
+        on the host (then nothing here waits on the device); found from ``labels`` when None.
+        Returns (loss, number of supervised tokens, per-row loss sums (B,), per-row token counts
+        (B,)); loss is 0 (still in the graph) when nothing is supervised.
         """
-        target = labels[:, 1:]
-        keep = target != IGNORE
-        logits = self.lm_head(hidden[:, :-1][keep])
+        b, length = labels.shape
+        keep = labels[:, 1:] != IGNORE
         count, row_counts = keep.sum(), keep.sum(-1)
-        if logits.shape[0] == 0:
+        if positions is None:
+            rows, cols = keep.nonzero(as_tuple=True)
+            positions = rows * length + cols
+        if positions.numel() == 0:
             zero = hidden.sum() * 0.0
-            return zero, count, zero.detach().expand(hidden.shape[0]), row_counts
-        losses = F.cross_entropy(logits.float(), target[keep], reduction="none")
-        rows = keep.nonzero()[:, 0]
-        row_sums = torch.zeros(hidden.shape[0], device=losses.device).index_add_(0, rows, losses.detach())
+            return zero, count, zero.detach().expand(b), row_counts
+        logits = self.lm_head(hidden.flatten(0, 1).index_select(0, positions))
+        target = labels.flatten().index_select(0, positions + 1)
+        losses = F.cross_entropy(logits.float(), target, reduction="none")
+        row_sums = torch.zeros(b, device=losses.device).index_add_(0, rows, losses.detach())
         return losses.mean(), count, row_sums, row_counts
 
     def logits(self, hidden: Tensor) -> Tensor:

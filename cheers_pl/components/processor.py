@@ -272,6 +272,43 @@ class CheersProcessor:
                 labels[b, span] = row["labels"]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
+    def batch_index(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Gather indices of a padded batch, so that the training step needs no host-device sync.
+
+        Computed where the batch is built (CPU, in the loader) and moved with it; the step then
+        gathers with ``index_select`` / ``index_copy`` on tensors whose lengths the host knows,
+        instead of boolean masks whose result size needs a device round trip. Returns:
+
+        * ``image_positions`` (N*T,) long: flat index into B*L of every image placeholder, in
+          reading order (image n owns entries n*T .. n*T + T-1, T = ``tokens_per_image``);
+        * ``gen_images`` (G,) long: which of the N images are generation (``<image_gen>``) images;
+        * ``text_positions`` (K,) long: flat index into B*L of every position i whose next token
+          (labels[b, i+1], not padding) is supervised; ``text_rows`` (K,) long: its row b.
+
+        Raises naming the count when the placeholders are not a whole number of images.
+        """
+        b, length = input_ids.shape
+        placeholders = torch.tensor([self.image_id, self.image_gen_id], device=input_ids.device)
+        flat_ids = input_ids.flatten()
+        image_positions = torch.isin(flat_ids, placeholders).nonzero().squeeze(1)
+        n = image_positions.numel()
+        if n % self.tokens_per_image:
+            raise ValueError(
+                f"the batch has {n} image placeholders, not a multiple of {self.tokens_per_image} per image"
+            )
+        first = flat_ids[image_positions[:: self.tokens_per_image]]
+        gen_images = (first == self.image_gen_id).nonzero().squeeze(1)
+        target = labels.masked_fill(~attention_mask.bool(), IGNORE_INDEX)[:, 1:]
+        rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
+        return {
+            "image_positions": image_positions,
+            "gen_images": gen_images,
+            "text_positions": rows * length + cols,
+            "text_rows": rows,
+        }
+
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
         """Text of ids (L,), special tokens (chat, image, null) skipped."""
         if isinstance(ids, torch.Tensor):

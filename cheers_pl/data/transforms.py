@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from cheers_pl.components.processor import CheersProcessor, SequenceTooLongError
+from cheers_pl.components.tokenizer import IGNORE_INDEX
 from cheers_pl.data.images import decode_image, resize_crop, resize_pad, to_tensor
-from cheers_pl.data.schema import IMAGE, Sample, SampleError
+from cheers_pl.data.schema import IMAGE, TASKS, Sample, SampleError
 
 
 class SampleEncoder:
@@ -54,12 +55,19 @@ def collate(processor: CheersProcessor, samples: list[dict]) -> dict:
     """Right-padded batch in the model's format, plus ``ids``, ``tasks`` and ``cfg_drop`` lists.
 
     ``images`` (N, 3, S, S) stacks every sample's images in order (absent when there are none).
+    The gather indices of ``CheersProcessor.batch_index`` are computed here, on the loader's CPU,
+    so that the training step needs no host-device sync; ``text_counts`` (a list, B ints) is the
+    number of supervised tokens per sample and ``task_index`` (B,) each sample's index in
+    ``schema.TASKS``, for the per-task losses the stage logs.
     """
     batch = processor.collate(samples)
+    batch.update(processor.batch_index(batch["input_ids"], batch["attention_mask"], batch["labels"]))
+    batch["text_counts"] = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).tolist()
     images = [img for s in samples for img in s["images"]]
     if images:
         batch["images"] = torch.stack(images)
     batch["ids"] = [s["id"] for s in samples]
     batch["tasks"] = [s["task"] for s in samples]
+    batch["task_index"] = torch.tensor([TASKS.index(s["task"]) for s in samples])
     batch["cfg_drop"] = [s["cfg_drop"] for s in samples]
     return batch

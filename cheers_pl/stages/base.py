@@ -31,6 +31,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 
 from cheers_pl.components.dit import DiTBlock
 from cheers_pl.components.processor import CheersProcessor
+from cheers_pl.data.schema import TASKS
 from cheers_pl.model import CheersModel, CheersOutput, build_processor
 from cheers_pl.spec import CheersSpec
 from cheers_pl.stages.weights import load_model_weights
@@ -178,10 +179,8 @@ class CheersModule(L.LightningModule):
         if tasks is not None:
             for task, n in Counter(tasks).items():
                 log(f"train/samples/{task}", float(n))
-                rows = torch.tensor([t == task for t in tasks], device=out.text_count_rows.device)
-                count = out.text_count_rows[rows].sum()
-                if int(count) > 0:
-                    log(f"train/loss_text/{task}", out.text_loss_rows[rows].sum() / count)
+            for task, loss in task_text_losses(out, batch).items():
+                log(f"train/loss_text/{task}", loss)
         if out.gate is not None:
             g = out.gate.detach().float()
             log("hfi/gate_mean", g.mean())
@@ -203,6 +202,28 @@ class CheersModule(L.LightningModule):
         else:
             sched = get_constant_schedule_with_warmup(opt, warmup)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def task_text_losses(out: CheersOutput, batch: dict) -> dict[str, torch.Tensor]:
+    """Token-mean text loss of each task in the batch that has supervised tokens: {task: scalar}.
+
+    With the loader's ``task_index`` (B,) and ``text_counts`` (B ints, host side) the sums run on
+    the device and which tasks to report is decided from host values: no device sync. Without
+    them (a hand-made batch) the counts are read back from the device.
+    """
+    tasks = batch["tasks"]
+    counts = batch.get("text_counts")
+    index = batch.get("task_index")
+    if counts is None or index is None:
+        counts = out.text_count_rows.tolist()
+        index = torch.tensor([TASKS.index(t) for t in tasks], device=out.text_loss_rows.device)
+    sums = torch.zeros(len(TASKS), device=out.text_loss_rows.device).index_add_(
+        0, index.to(out.text_loss_rows.device), out.text_loss_rows
+    )
+    per_task = Counter()
+    for task, n in zip(tasks, counts, strict=True):
+        per_task[task] += n
+    return {task: sums[TASKS.index(task)] / n for task, n in per_task.items() if n > 0}
 
 
 def enable_gradient_checkpointing(model: CheersModel) -> None:
