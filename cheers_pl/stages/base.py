@@ -55,6 +55,10 @@ class CheersModule(L.LightningModule):
             layers, SigLIP's encoder layers and the CFM head's DiT blocks (non-reentrant
             ``torch.utils.checkpoint``; training only). For single-device or DDP runs; with
             ``CheersFSDPStrategy`` use its ``activation_checkpointing`` instead (same units).
+        compile_head: ``torch.compile`` the CFM head (``nn.Module.compile``: in place, so
+            parameter names and checkpoints are unchanged). The first steps pay the compile.
+        compile_options: keyword arguments of ``torch.compile`` for the head (``mode``,
+            ``backend``, ``dynamic``, ...), e.g. ``{"mode": "max-autotune"}``.
     """
 
     trains: str = "all"
@@ -69,6 +73,8 @@ class CheersModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         init_from: str | None = None,
         gradient_checkpointing: bool = False,
+        compile_head: bool = False,
+        compile_options: dict | None = None,
     ):
         super().__init__()
         spec = spec or CheersSpec()
@@ -90,6 +96,7 @@ class CheersModule(L.LightningModule):
         self.spec, self.lr, self.schedule, self.warmup_ratio = spec, lr, schedule, warmup_ratio
         self.weight_decay, self.betas, self.init_from = weight_decay, tuple(betas), init_from
         self.gradient_checkpointing = gradient_checkpointing
+        self.compile_head, self.compile_options = compile_head, dict(compile_options or {})
         self.save_hyperparameters(ignore=["spec"])
         self.hparams["spec"] = asdict(spec)
         self.model: CheersModel | None = None
@@ -123,6 +130,8 @@ class CheersModule(L.LightningModule):
         self.set_trainable()
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
+        if self.compile_head:
+            self.model.cfm_head.compile(**self.compile_options)
 
     def ablation_allowances(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(missing, unexpected) name prefixes this spec's ablations add / remove vs a standard model."""

@@ -190,3 +190,20 @@ def test_start_up_errors_name_the_path(tmp_path, demo):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty/understanding/? does not exist"):
         fit("stage1", tmp_path, tmp_path / "empty")
+
+
+def test_compile_head_compiles_in_place_and_keeps_names_and_losses():
+    torch.manual_seed(0)
+    plain = built(PretrainStage)
+    torch.manual_seed(0)
+    compiled = built(PretrainStage, compile_head=True, compile_options={"backend": "aot_eager"})
+    head = compiled.model.cfm_head
+    assert head._compiled_call_impl is not None and plain.model.cfm_head._compiled_call_impl is None
+    assert list(compiled.model.state_dict()) == list(plain.model.state_dict())  # no "_orig_mod."
+    batch = mixed_batch(plain.model)
+    losses = [m.model(batch, generator=torch.Generator().manual_seed(0)).loss for m in (plain, compiled)]
+    torch.testing.assert_close(losses[1], losses[0])
+    losses[1].backward()
+    assert all(p.grad is not None for p in head.parameters() if p.requires_grad)
+    with pytest.raises(Exception, match="no_such_backend"):
+        built(PretrainStage, compile_head=True, compile_options={"backend": "no_such_backend"})
