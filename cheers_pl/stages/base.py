@@ -26,7 +26,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.utils.checkpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from cheers_pl.components.dit import DiTBlock
@@ -34,6 +34,8 @@ from cheers_pl.components.processor import CheersProcessor
 from cheers_pl.data.schema import TASKS
 from cheers_pl.model import CheersModel, CheersOutput, build_processor
 from cheers_pl.spec import CheersSpec
+from cheers_pl.stages import rng
+from cheers_pl.stages.nonfinite import NonFiniteLedger
 from cheers_pl.stages.weights import load_model_weights
 
 SCHEDULES = ("constant", "cosine")
@@ -59,6 +61,13 @@ class CheersModule(L.LightningModule):
             parameter names and checkpoints are unchanged). The first steps pay the compile.
         compile_options: keyword arguments of ``torch.compile`` for the head (``mode``,
             ``backend``, ``dynamic``, ...), e.g. ``{"mode": "max-autotune"}``.
+        skip_nonfinite: skip an optimiser step whose loss or gradient is not finite: the
+            gradients are dropped before the step, so no weight or optimiser state changes (the
+            step counter and the LR schedule still advance, as with AMP's skipped steps). Each
+            skip is counted (``train/nonfinite_skips``) and warned about with the batch's sample
+            ids. Costs one host read per step (the finiteness flag); False turns it off.
+        max_nonfinite_steps: stop the run after this many skipped steps in a row, naming their
+            sample ids (0: never stop).
     """
 
     trains: str = "all"
@@ -75,6 +84,8 @@ class CheersModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         compile_head: bool = False,
         compile_options: dict | None = None,
+        skip_nonfinite: bool = True,
+        max_nonfinite_steps: int = 10,
     ):
         super().__init__()
         spec = spec or CheersSpec()
@@ -84,6 +95,8 @@ class CheersModule(L.LightningModule):
             raise ValueError(f"warmup_ratio={warmup_ratio} must be in [0, 1)")
         if lr <= 0:
             raise ValueError(f"lr={lr} must be > 0")
+        if max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps={max_nonfinite_steps} must be >= 0 (0: never stop)")
         if self.trains not in TRAINS:
             raise ValueError(
                 f"{type(self).__name__}.trains={self.trains!r}; valid choices are {list(TRAINS)}"
@@ -97,6 +110,9 @@ class CheersModule(L.LightningModule):
         self.weight_decay, self.betas, self.init_from = weight_decay, tuple(betas), init_from
         self.gradient_checkpointing = gradient_checkpointing
         self.compile_head, self.compile_options = compile_head, dict(compile_options or {})
+        self.skip_nonfinite, self.max_nonfinite_steps = skip_nonfinite, max_nonfinite_steps
+        self.nonfinite = NonFiniteLedger()
+        self._pending_rng: dict | None = None
         self.save_hyperparameters(ignore=["spec"])
         self.hparams["spec"] = asdict(spec)
         self.model: CheersModel | None = None
@@ -174,7 +190,45 @@ class CheersModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.model(batch)
         self.log_step(out, batch)
+        self.nonfinite.observe(out.loss.detach(), batch.get("ids"), batch_idx)
         return out.loss
+
+    # -- faults and resume -------------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Drop the gradients of a step whose loss or gradient is not finite (``skip_nonfinite``)."""
+        if not self.skip_nonfinite:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        finite = self.nonfinite.finite(grads)
+        finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            self.nonfinite.passed()
+            return
+        for p in self.parameters():
+            p.grad = None  # the optimiser skips parameters without a gradient: nothing moves
+        message = self.nonfinite.skipped(self.global_step)
+        rank_zero_warn(message)
+        self.log("train/nonfinite_skips", float(self.nonfinite.total), rank_zero_only=True)
+        if self.max_nonfinite_steps and self.nonfinite.in_a_row >= self.max_nonfinite_steps:
+            raise RuntimeError(
+                f"{self.nonfinite.in_a_row} optimiser steps in a row had a non-finite loss or gradient "
+                f"(max_nonfinite_steps={self.max_nonfinite_steps}); stopping. {self.nonfinite.report()}"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = rng.gather()  # a collective: every rank runs this hook
+        checkpoint["nonfinite"] = self.nonfinite.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            self._pending_rng = rng.this_rank(checkpoint["rng_states"])
+        if "nonfinite" in checkpoint:
+            self.nonfinite.load_state_dict(checkpoint["nonfinite"])
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._pending_rng is not None:  # first batch after a resume: continue the saved draws
+            rng.restore(self._pending_rng)
+            self._pending_rng = None
 
     def log_step(self, out: CheersOutput, batch: dict) -> None:
         b = batch["input_ids"].shape[0]
