@@ -285,6 +285,7 @@ class CheersModel(nn.Module):
 
         def cond_only(z_t: Tensor, t: float) -> tuple[Tensor, Tensor | None]:
             tokens, detail = self.visual_tokens(z_t)
+            tokens = tokens.to(prefix_embeds.dtype)  # as in training; one dtype in the KV cache
             if use_cache:
                 if not cond_cache:
                     cond_cache.append(self.llm.prefix_cache(prefix_embeds[:b], valid[:b], n_tok))
@@ -302,6 +303,7 @@ class CheersModel(nn.Module):
                     gates.append(gate)
                 return v
             tokens, detail = self.visual_tokens(z_t)
+            tokens = tokens.to(prefix_embeds.dtype)  # as in training; one dtype in the KV cache
             if use_cfg:
                 tokens, detail = tokens.repeat(2, 1, 1), detail.repeat(2, 1, 1)
             if use_cache:

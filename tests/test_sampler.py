@@ -69,3 +69,11 @@ def test_interval_gates_and_bad_interval(model):
     assert out.gates.shape == (4, 2, model.latent_side, model.latent_side)
     with pytest.raises(ValueError, match="cfg_interval"):
         model.generate(PROMPTS, steps=1, cfg_interval=(0.8, 0.2))
+
+
+def test_bf16_autocast_cached_equals_recomputed(model):
+    """Under autocast the image tokens come out of the projector in bf16; the cache holds one dtype."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cached, full = _gen(model, steps=2), _gen(model, steps=2, use_cache=False)
+    assert torch.isfinite(cached).all()
+    torch.testing.assert_close(cached, full, rtol=0.05, atol=0.05)
