@@ -12,7 +12,7 @@ THREADS := $(if $(filter tiny,$(PRESET)),CHEERS_NUM_THREADS=1,)
 STAGE_DATA := $(if $(filter tiny,$(PRESET)),data/demo/manifest.json,)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format clean bench bench-data stage1 stage2 stage3 stage4 tb demo sweep
+.PHONY: help setup test lint format clean bench bench-gpu bench-data stage1 stage2 stage3 stage4 tb demo sweep
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -66,6 +66,9 @@ bench-data: setup ## Data loader samples/s beside the raw decode-and-resize rate
 
 bench: setup ## Model benchmarks: train step, sampler vs the reference, mask bytes, tokens/image
 	$(BIN)/python benchmarks/bench.py
+
+bench-gpu: setup ## GPU figures, paper size in bf16 on one GPU: step time, tokens/s, MFU, sampler s/image (ARGS=--json f)
+	$(BIN)/python benchmarks/gpu_figures.py $(ARGS)
 
 clean: ## Remove caches (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
