@@ -49,9 +49,7 @@ sampler does real work), on one device.
   ``--sample-steps`` (80) Euler steps, ``--images`` prompts in one call, in bf16 autocast; seconds
   per image = median call time / images (``torch.cuda.synchronize`` around each call). Then
   ``cheers_pl.model.generate_reference`` (the straightforward loop) for 1 image, beside ours for 1
-  image, if the budget allows; else reported as skipped. Should ``generate`` fail under autocast
-  over fp32 weights (a KV cache whose dtype is fixed by the fp32 text prefix while the image tokens
-  come in bf16), it is rerun with the weights cast to bf16, under autocast, and the output says so.
+  image, if the budget allows; else reported as skipped.
   Every phase that fails is reported as such (traceback on stderr) and the run goes on.
 
 Time budget (``--time-budget``, default 420 s from the start of ``main``; imports are outside it):
