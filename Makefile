@@ -17,10 +17,11 @@ STAGE_DATA := $(if $(filter tiny,$(PRESET)),data/demo/manifest.json,)
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-deepspeed.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation -r requirements-deepspeed.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -13,15 +13,26 @@ accelerator and refuses to start on a machine without one.
 Gradient clipping by norm (``gradient_clip_val: 1.0`` in the stage YAMLs): Lightning's
 ``FSDPPrecision`` refuses it (it has no handle on the root FSDP module); this strategy gives it
 one, so the norm is FSDP's ``clip_grad_norm_`` over all shards (the global norm).
+
+``state_dict_type: sharded`` saves each checkpoint as a folder (one ``torch.distributed.checkpoint``
+shard per rank plus ``meta.pt``); ``ckpt_path=`` resumes from it on the same or another world
+size, and :func:`cheers_pl.io.sharded.consolidate` turns it into one ``.ckpt`` file.
+
+``CheersDeepSpeedStrategy`` is the DeepSpeed ZeRO alternative (stage 2 or 3); see its docstring.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+from collections.abc import Generator
 from typing import Any
 
 import torch
 from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
@@ -80,3 +91,113 @@ class CheersFSDPStrategy(FSDPStrategy):
         )
         _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
         return model
+
+
+class CheersDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` (ZeRO stage 2 or 3) with three changes for CHEERS.
+
+    * ``zero_init: false`` (the default) builds the model whole on each rank and lets
+      ``deepspeed.initialize`` partition it (ZeRO-3), instead of building it inside
+      ``deepspeed.zero.Init``: there the parameters are partitioned as they are created, and
+      transformers' weight initialisation of SigLIP (``lecun_normal_``) then fails on the empty
+      placeholders ("Fan in and fan out can not be computed for tensor with fewer than 2
+      dimensions"). The cost is one full fp32 copy of the model per rank while it is built.
+    * ``accelerator: cpu`` works (gloo; tests and tiny runs): Lightning refuses a CPU
+      accelerator ("The DeepSpeed strategy is only supported on CUDA GPUs"), checks CUDA device
+      indices, and hands DeepSpeed the device index ``None``; on CPU this strategy skips the first
+      two and gives DeepSpeed the local rank (on CUDA, Lightning's code runs unchanged).
+    * DeepSpeed's micro-batch size (for its logs) is the DataModule's ``batch_size``: Lightning's
+      guess reads a batch sampler the kit's loaders do not have, and fails.
+
+    Gradient clipping (``trainer.gradient_clip_val``) is DeepSpeed's own, by the global norm.
+    Checkpoints are folders in DeepSpeed's format; Lightning's
+    ``lightning.pytorch.utilities.deepspeed.convert_zero_checkpoint_to_fp32_state_dict`` makes one
+    file of them.
+
+    Args:
+        stage: the ZeRO stage (2: optimiser states and gradients sharded; 3: parameters too).
+        zero_init: build the model inside ``deepspeed.zero.Init`` (ZeRO-3 only; see above).
+        **kwargs: anything else ``DeepSpeedStrategy`` takes (``offload_optimizer``, ``config``, ...).
+    """
+
+    strategy_name = "cheers_deepspeed"
+
+    def __init__(self, stage: int = 2, zero_init: bool = False, **kwargs: Any):
+        super().__init__(stage=stage, **kwargs)
+        self.zero_init = zero_init
+
+    def _on_cpu(self) -> bool:
+        return isinstance(self.accelerator, CPUAccelerator)
+
+    def setup_environment(self) -> None:
+        if self._on_cpu():
+            DDPStrategy.setup_environment(self)  # DeepSpeedStrategy's refuses anything but CUDA
+        else:
+            super().setup_environment()
+
+    def setup_distributed(self) -> None:
+        if not self._on_cpu():
+            return super().setup_distributed()
+        reset_seed()  # as DeepSpeedStrategy's, without its check of CUDA device indices
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @contextlib.contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        if self.zero_init:
+            with super().model_sharded_context():
+                yield
+        else:
+            yield
+
+    def _auto_select_batch_size(self) -> int:
+        """DeepSpeed's ``train_micro_batch_size_per_gpu`` (used for its throughput logs only).
+
+        Lightning reads ``train_dataloader.batch_sampler.batch_size``; the kit's loaders batch in
+        the dataset (``batch_size=None``, no batch sampler), so that fails with an AttributeError.
+        Here: the DataModule's ``batch_size`` (per device), else Lightning's guess, else 1."""
+        size = getattr(getattr(self.lightning_module.trainer, "datamodule", None), "batch_size", None)
+        if isinstance(size, int) and size > 0:
+            return size
+        try:
+            return super()._auto_select_batch_size()
+        except AttributeError:  # a loader without a batch sampler
+            return 1
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        if not self._on_cpu():
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        import deepspeed
+
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank),  # Lightning's: the index, None on CPU
+            config=self.config,
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return engine, ds_optimizer
+
+
+@contextlib.contextmanager
+def full_params(trainer) -> Generator[None, None, None]:
+    """Within it, ``pl_module.model``'s submodules may be called directly (``model.generate``) on
+    every rank of a sharded run; everyone must enter it together.
+
+    FSDP gathers a unit's parameters only inside the root module's forward: outside it (in a
+    callback sampling previews, say) each parameter is this rank's flat shard, and the first layer
+    fails ("'weight' must be 2-D"). Under ``FSDPStrategy`` this is FSDP's ``summon_full_params``
+    (read-only: ``writeback=False``; the whole model is materialised on each rank meanwhile).
+    DeepSpeed ZeRO-3 gathers per submodule by its own hooks, and unsharded strategies need nothing:
+    there it does nothing.
+    """
+    model = getattr(trainer.strategy, "model", None)
+    if isinstance(trainer.strategy, FSDPStrategy) and model is not None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=True):
+            yield
+    else:
+        yield

@@ -89,15 +89,9 @@ def ddp_worker(rank: int, world_size: int, port: int, state_path: str, out_dir: 
         torch.distributed.destroy_process_group()
 
 
-def lightning_worker(rank: int, world_size: int, port: int, out_dir: str, strategy: str) -> None:
-    """A 2-step Lightning fit of the tiny ``CheersModule`` with ``strategy`` ("fsdp" or "ddp").
-
-    The processes are launched here, so Lightning sees an externally launched cluster
-    (``LightningEnvironment`` via ``LOCAL_RANK``) instead of re-running the pytest command."""
-    import lightning as L
-
-    from cheers_pl.distributed import CheersFSDPStrategy
-
+def _lightning_env(rank: int, world_size: int, port: int) -> None:
+    """The environment of an externally launched cluster: Lightning then uses ``LightningEnvironment``
+    (via ``LOCAL_RANK``) instead of re-running the pytest command."""
     torch.set_num_threads(1)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -107,41 +101,213 @@ def lightning_worker(rank: int, world_size: int, port: int, out_dir: str, strate
         LOCAL_RANK=str(rank),
         RANK=str(rank),
     )
+
+
+class Loader:
+    """``batch`` ``n`` times; a DataLoader would add workers and a sampler."""
+
+    def __init__(self, batch: dict, n: int = 2):
+        self.batch, self.n = batch, n
+
+    def __iter__(self):
+        return iter([self.batch] * self.n)
+
+    def __len__(self):
+        return self.n
+
+
+def _module_and_batch(rank: int, seed: int = 0, **kwargs):
+    """A tiny ``CheersModule`` (built by the Trainer; ``kwargs`` for it) and rank ``rank``'s half-batch."""
     from cheers_pl.spec import CheersSpec
     from cheers_pl.stages.base import CheersModule
 
-    torch.manual_seed(0)
-    module = CheersModule(CheersSpec.tiny(), lr=1e-3, warmup_ratio=0.0)  # built by the Trainer
-    batch = half_batches(module)[rank]  # the module has the processor and image size already
+    torch.manual_seed(seed)
+    module = CheersModule(CheersSpec.tiny(), lr=1e-3, warmup_ratio=0.0, **kwargs)
+    return module, half_batches(module)[rank]  # the module has the processor and image size already
 
-    class Loader:  # the same half-batch twice; a DataLoader would add workers and a sampler
-        def __iter__(self):
-            return iter([batch, batch])
 
-        def __len__(self):
-            return 2
+def _trainer(world_size: int, strategy, max_steps: int, out_dir: str, callbacks=()):
+    import lightning as L
 
-    if strategy == "fsdp":
-        strat = CheersFSDPStrategy(activation_checkpointing=True, process_group_backend="gloo")
-    else:
-        strat = "ddp"
-    trainer = L.Trainer(
+    return L.Trainer(
         accelerator="cpu",
         devices=world_size,
-        strategy=strat,
-        max_steps=2,
+        strategy=strategy,
+        max_steps=max_steps,
         precision="32-true",
         gradient_clip_val=1.0,
         logger=False,
-        enable_checkpointing=False,
+        callbacks=list(callbacks),
+        enable_checkpointing=any(type(c).__name__ == "ModelCheckpoint" for c in callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
         default_root_dir=out_dir,
     )
-    trainer.fit(module, train_dataloaders=Loader())
+
+
+def lightning_worker(rank: int, world_size: int, port: int, out_dir: str, strategy: str) -> None:
+    """A 2-step Lightning fit of the tiny ``CheersModule`` with ``strategy`` ("fsdp" or "ddp")."""
+    from cheers_pl.distributed import CheersFSDPStrategy
+
+    _lightning_env(rank, world_size, port)
+    module, batch = _module_and_batch(rank)
+    if strategy == "fsdp":
+        strat = CheersFSDPStrategy(activation_checkpointing=True, process_group_backend="gloo")
+    else:
+        strat = "ddp"
+    trainer = _trainer(world_size, strat, 2, out_dir)
+    trainer.fit(module, train_dataloaders=Loader(batch))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     kinds = [type(m).__name__ for m in trainer.strategy.model.modules()]
     units = {name: kinds.count(name) for name in ("FullyShardedDataParallel", "CheckpointWrapper")}
     result = {"global_step": trainer.global_step, "metrics": metrics, "units": units}
     torch.save(result, f"{out_dir}/lightning{rank}.pt")
+
+
+# -- sharded checkpoints (tests/test_distributed_checkpoint.py) ---------------------------------------
+FSDP_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def local_shards(trainer) -> dict[str, dict[str, torch.Tensor]]:
+    """This rank's shard of every trainable parameter and of its AdamW state, by parameter name.
+
+    With ``use_orig_params`` each parameter is a flat view of this rank's part (possibly empty);
+    the optimiser state has the same shape. A restored checkpoint must give back exactly these."""
+    model, optimizer = trainer.strategy.model, trainer.optimizers[0]
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        for prefix in FSDP_PREFIXES:
+            name = name.replace(prefix, "")
+        state = optimizer.state.get(p, {})
+        out[name] = {"param": p.detach().clone(), **{k: v.detach().clone() for k, v in state.items()}}
+    return out
+
+
+def full_state(trainer) -> dict[str, torch.Tensor]:
+    """The gathered (unsharded) module state on rank 0 (empty elsewhere); every rank must call it."""
+    from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
+
+    model = trainer.strategy.model
+    with _get_full_state_dict_context(model, world_size=trainer.world_size, rank0_only=True):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def sharded_checkpoint_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Fit 2 steps with ``state_dict_type="sharded"`` (ModelCheckpoint saves a folder at step 2), then
+    resume a differently seeded module from it for 2 more steps.
+
+    Saved per rank: the local shards after the first fit and at the start of the resumed one
+    (after restoring, before any step), the gathered state (rank 0), the resumed module's initial
+    trainable weights, and the resumed fit's steps; and an image sampled at step 0 within
+    :func:`cheers_pl.distributed.full_params`."""
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from cheers_pl.distributed import CheersFSDPStrategy, full_params
+
+    _lightning_env(rank, world_size, port)
+    ckpt_dir = f"{out_dir}/checkpoints"
+
+    class Preview(Callback):  # samples from the model outside FSDP's forward, as PreviewCallback does
+        images = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                with torch.no_grad(), full_params(trainer):
+                    self.images = pl_module.model.generate(["a handwritten digit 3"], steps=2, seed=0).images
+
+    def strategy():
+        return CheersFSDPStrategy(state_dict_type="sharded", process_group_backend="gloo")
+
+    module, batch = _module_and_batch(rank, seed=0)
+    saver, preview = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1), Preview()
+    trainer = _trainer(world_size, strategy(), 2, out_dir, [saver, preview])
+    trainer.fit(module, train_dataloaders=Loader(batch))
+    saved, full = local_shards(trainer), full_state(trainer)
+    path = saver.best_model_path or saver.last_model_path
+
+    class Probe(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.start_step = trainer.global_step
+            self.restored = local_shards(trainer)
+            self.losses = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+
+    probe = Probe()
+    module2, batch = _module_and_batch(rank, seed=1)  # other weights: a restore must overwrite them
+    module2.configure_model()  # built here to record them (the Trainer's call then keeps it)
+    trainable = module2.model.named_parameters(prefix="model")
+    fresh = {n: p.detach().clone() for n, p in trainable if p.requires_grad}
+    trainer2 = _trainer(world_size, strategy(), 4, out_dir, [probe])
+    trainer2.fit(module2, train_dataloaders=Loader(batch), ckpt_path=path)
+    result = {
+        "path": path,
+        "preview": preview.images,
+        "saved": saved,
+        "full": full,
+        "fresh": fresh,
+        "restored": probe.restored,
+        "start_step": probe.start_step,
+        "losses": probe.losses,
+        "global_step": trainer2.global_step,
+        "final": local_shards(trainer2),
+    }
+    torch.save(result, f"{out_dir}/sharded{rank}.pt")
+
+
+# -- DeepSpeed ZeRO (tests/test_distributed_deepspeed.py) ---------------------------------------------
+def deepspeed_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Fit 2 steps each with DDP, ``CheersDeepSpeedStrategy(stage=2)`` and ``(stage=3)`` (both with
+    gradient checkpointing, as ``experiments/strategies/deepspeed_zero*.yaml``) from the same seed and
+    half-batch; saves every step's loss and what the DeepSpeed engines were.
+
+    DeepSpeed's shared-memory CPU all-reduce (a C++ op compiled at the first start, needing a
+    compiler and tens of seconds) is left out: gloo does the communication."""
+    import deepspeed.comm.torch
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from cheers_pl.distributed import CheersDeepSpeedStrategy
+
+    _lightning_env(rank, world_size, port)
+    deepspeed.comm.torch.build_shm_op = lambda: None
+
+    class Losses(Callback):
+        def __init__(self):
+            self.losses = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+
+    result = {}
+    for name in ("ddp", "zero2", "zero3"):
+        L.seed_everything(0, verbose=False)  # the same weights and noise draws in every run
+        # the overlays' settings: ZeRO with the model's own gradient checkpointing (exact, so DDP needs none)
+        module, batch = _module_and_batch(rank, gradient_checkpointing=name != "ddp")
+        if name == "ddp":
+            strat = "ddp"
+        elif name == "zero2":
+            strat = CheersDeepSpeedStrategy(stage=2, process_group_backend="gloo")
+        else:  # every tiny parameter is under DeepSpeed's persistence threshold: partition them all
+            zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+            strat = CheersDeepSpeedStrategy(config={"zero_optimization": zero}, process_group_backend="gloo")
+        probe = Losses()
+        trainer = _trainer(world_size, strat, 2, out_dir, [probe])
+        trainer.fit(module, train_dataloaders=Loader(batch))
+        result[name] = {"losses": probe.losses, "global_step": trainer.global_step}
+        if name != "ddp":
+            engine = trainer.strategy.model
+            params = list(engine.module.parameters())
+            result[name].update(
+                engine=type(engine).__name__,
+                optimizer=type(engine.optimizer).__name__,
+                stage=engine.zero_optimization_stage(),
+                numel=sum(p.numel() for p in params),  # ZeRO-3: 0 between steps (partitioned)
+                full_numel=sum(getattr(p, "ds_numel", p.numel()) for p in params),
+                shard_numel=sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0 for p in params),
+            )
+    torch.save(result, f"{out_dir}/deepspeed{rank}.pt")

@@ -1,0 +1,96 @@
+"""Sharded (FSDP ``state_dict_type: sharded``) checkpoints: recognise them and make one file of them.
+
+A sharded checkpoint is a folder: ``torch.distributed.checkpoint`` files (``.metadata`` and one
+``__<rank>_0.distcp`` per rank) holding the model and optimiser states, plus Lightning's
+``meta.pt`` (everything else: loops, callbacks, hyperparameters with the spec). Lightning resumes
+from the folder itself (``ckpt_path=``, any world size); :func:`consolidate` writes the single-file
+``.ckpt`` a one-process Trainer or the kit's loaders (``cheers_pl.io.export.load_any``,
+``init_from``) read::
+
+    python -m cheers_pl.io.sharded runs/paper/stage2/checkpoints/last.ckpt --out stage2.ckpt
+
+(the same file as ``python -m lightning.pytorch.utilities.consolidate_checkpoint FOLDER
+--output_file FILE``). The whole checkpoint is gathered in CPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+META = "meta.pt"  # Lightning's file beside the shards (lightning.fabric.utilities.load._METADATA_FILENAME)
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding a Lightning sharded checkpoint."""
+    path = Path(path)
+    return path.is_dir() and (path / META).is_file() and (path / DCP_METADATA).is_file()
+
+
+def read_sharded(path: str | Path) -> dict[str, Any]:
+    """The sharded checkpoint at ``path`` as one checkpoint dict, in the layout of a single-file one.
+
+    ``state_dict`` holds the full (unsharded) module state (``model.*`` names of the
+    LightningModule), ``optimizer_states`` the full optimiser states (keyed by parameter name, as
+    FSDP writes them), and the rest comes from ``meta.pt`` (``global_step``, ``loops``,
+    ``hyper_parameters``, ...). Raises ``FileNotFoundError`` / ``ValueError`` naming the path.
+    """
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no sharded checkpoint at {path}")
+    if not is_sharded_checkpoint(path):
+        found = sorted(p.name for p in path.iterdir())[:8] if path.is_dir() else "a file"
+        raise ValueError(
+            f"{path} is not a sharded checkpoint folder ({DCP_METADATA} and {META} expected, found {found})"
+        )
+    checkpoint = _load_distributed_checkpoint(path)  # shards + meta.pt, as Lightning's consolidation
+    checkpoint["state_dict"] = checkpoint.pop("model")
+    keys = sorted((k for k in checkpoint if re.fullmatch(r"optimizer_[0-9]+", k)), key=lambda k: int(k[10:]))
+    if keys:
+        checkpoint["optimizer_states"] = [checkpoint.pop(k) for k in keys]
+    return checkpoint
+
+
+def consolidate(src_dir: str | Path, dst_file: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write the sharded checkpoint ``src_dir`` as one ``.ckpt`` file and return its path.
+
+    ``dst_file`` defaults to ``<src_dir>.consolidated`` beside the folder (Lightning's default).
+    The file loads with ``torch.load(weights_only=True)``, in a one-process Trainer
+    (``ckpt_path=``; optimiser states included) and in the kit's loaders. An existing
+    ``dst_file`` is refused unless ``overwrite``.
+    """
+    src = Path(src_dir)
+    dst = Path(dst_file) if dst_file is not None else src.with_name(src.name + ".consolidated")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass overwrite=True (--overwrite) or choose another path")
+    checkpoint = read_sharded(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    tmp.replace(dst)  # no half-written checkpoint under the final name
+    return dst
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cheers_pl.io.sharded FOLDER [--out FILE] [--overwrite]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m cheers_pl.io.sharded",
+        description="Consolidate a sharded (FSDP) checkpoint folder into one .ckpt file.",
+    )
+    parser.add_argument("folder", help="the sharded checkpoint folder (holds .metadata and meta.pt)")
+    parser.add_argument("--out", default=None, help="the file to write (default: FOLDER.consolidated)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+    print(consolidate(args.folder, args.out, overwrite=args.overwrite))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
