@@ -18,6 +18,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from cheers_pl.distributed import full_params
+
 DEFAULT_PROMPTS = (
     "a photo of a tabby cat",
     "a cup of coffee on a red saucer with a spoon, on a wooden table",
@@ -63,7 +65,8 @@ class FixedPromptCallback(pl.Callback):
         if self.last_step == trainer.global_step:
             return
         if self.wanted(trainer, pl_module):
-            self.run(trainer, pl_module)
+            with full_params(trainer):  # sharded runs: every rank gathers the whole model meanwhile
+                self.run(trainer, pl_module)
 
     # -- for subclasses -------------------------------------------------------------------------
     def observe(self, batch) -> None:

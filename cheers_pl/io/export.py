@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from cheers_pl import __version__
+from cheers_pl.io.sharded import is_sharded_checkpoint, read_sharded
 from cheers_pl.spec import CheersSpec, ComponentSpec
 from cheers_pl.stages.weights import check_fit
 
@@ -247,7 +248,7 @@ def detect_format(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}; expected {EXPECTED}")
-    if path.is_file():
+    if path.is_file() or is_sharded_checkpoint(path):
         return "checkpoint"
     if (path / CONFIG).is_file() and ARCHITECTURE in _read_json(path / CONFIG).get("architectures", []):
         return "exported"
@@ -262,7 +263,7 @@ def weight_files(path: str | Path) -> list[Path]:
     path = Path(path)
     kind = detect_format(path)
     if kind == "checkpoint":
-        return [path]
+        return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     if kind == "converted":
         return [path / CONVERTED_WEIGHTS]
     return sorted({path / f for f in _read_json(path / INDEX)["weight_map"].values()})
@@ -315,7 +316,11 @@ def load_checkpoint(path: str | Path):
     """A Lightning checkpoint of any stage: the spec in ``hyper_parameters``, the ``model.*`` tensors."""
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = (
+            read_sharded(path)
+            if is_sharded_checkpoint(path)
+            else torch.load(path, map_location="cpu", weights_only=True)
+        )
     except Exception as err:  # pickle, zip and weights_only errors alike
         raise ValueError(
             f"{path} cannot be read as a checkpoint ({type(err).__name__}: {err}); expected {EXPECTED}"

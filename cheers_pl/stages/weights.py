@@ -7,15 +7,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cheers_pl.io.sharded import is_sharded_checkpoint, read_sharded
+
 PREFIX = "model."
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The CheersModel state dict in a Lightning checkpoint (``torch.load(weights_only=True)``)."""
+    """The CheersModel state dict in a Lightning checkpoint (``torch.load(weights_only=True)``): a
+    file, or the folder of a sharded (FSDP) checkpoint, gathered into one state in CPU memory."""
     path = Path(path)
-    if not path.is_file():
+    if is_sharded_checkpoint(path):
+        ckpt = read_sharded(path)
+    elif path.is_file():
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    else:
         raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     state = ckpt.get("state_dict", ckpt)
     return {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)} or state
 
