@@ -32,9 +32,11 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 from cheers_pl.components.dit import DiTBlock
 from cheers_pl.components.processor import CheersProcessor
 from cheers_pl.data.schema import TASKS
+from cheers_pl.io.sharded import is_sharded_checkpoint
 from cheers_pl.model import CheersModel, CheersOutput, build_processor
 from cheers_pl.spec import CheersSpec
 from cheers_pl.stages import rng
+from cheers_pl.stages.freezing import apply_freeze, check_freeze
 from cheers_pl.stages.nonfinite import NonFiniteLedger
 from cheers_pl.stages.weights import load_model_weights
 
@@ -68,6 +70,10 @@ class CheersModule(L.LightningModule):
             ids. Costs one host read per step (the finiteness flag); False turns it off.
         max_nonfinite_steps: stop the run after this many skipped steps in a row, naming their
             sample ids (0: never stop).
+        freeze: top-level modules to keep fixed on top of what the stage trains (``llm``,
+            ``semantic_encoder``, ``pixel_decoder``, ``projector``, ``cfm_head``); checked here
+            (:func:`cheers_pl.stages.freezing.check_freeze`): unknown names and a list that
+            leaves nothing to train fail before any weight exists.
     """
 
     trains: str = "all"
@@ -86,6 +92,7 @@ class CheersModule(L.LightningModule):
         compile_options: dict | None = None,
         skip_nonfinite: bool = True,
         max_nonfinite_steps: int = 10,
+        freeze: list[str] | None = None,
     ):
         super().__init__()
         spec = spec or CheersSpec()
@@ -103,9 +110,10 @@ class CheersModule(L.LightningModule):
             )
         if init_from is not None:
             init_from = os.path.normpath(init_from)  # "run/stage2/../stage1" before run/stage2 exists
-        if init_from is not None and not Path(init_from).is_file():
+        if init_from is not None and not (Path(init_from).is_file() or is_sharded_checkpoint(init_from)):
             raise FileNotFoundError(f"init_from: no checkpoint at {init_from}")
         self.resolved = spec.resolve()  # configs only: bad sizes, flavors and missing folders fail here
+        self.freeze = check_freeze(freeze, self.trains, spec)
         self.spec, self.lr, self.schedule, self.warmup_ratio = spec, lr, schedule, warmup_ratio
         self.weight_decay, self.betas, self.init_from = weight_decay, tuple(betas), init_from
         self.gradient_checkpointing = gradient_checkpointing
@@ -161,15 +169,20 @@ class CheersModule(L.LightningModule):
 
     def set_trainable(self) -> None:
         """``trains="all"``: everything but the frozen VAE (and SigLIP's unused pooling head).
-        ``trains="new"`` (stage I): only the modules CHEERS adds, and the added tokens' embedding rows."""
+        ``trains="new"`` (stage I): only the modules CHEERS adds, and the added tokens' embedding rows.
+        Then the modules named in ``freeze`` are frozen."""
         m = self.model
         m.requires_grad_(True)
         m.vae.requires_grad_(False)
         head = getattr(m.semantic_encoder.vit, "head", None)
         if head is not None:
             head.requires_grad_(False)
-        if self.trains == "all":
-            return
+        if self.trains == "new":
+            self._train_new_only()
+        apply_freeze(m, self.freeze)
+
+    def _train_new_only(self) -> None:
+        m = self.model
         for module in (m.llm, m.semantic_encoder, m.pixel_decoder):
             if module is not None:
                 module.requires_grad_(False)
