@@ -5,28 +5,153 @@ mode, so ``${trainer.default_root_dir}``-style references are resolved after eve
 and command-line override is merged: an overlay or ``--trainer.default_root_dir`` moves the
 logs, checkpoints and stage hand-off paths together. The resolved config is saved beside the
 logs (``config.yaml``) and reruns as it is.
+
+A bad config fails before any weight is allocated or any data is read: jsonargparse refuses
+unknown keys and wrong types while parsing (the message here adds the valid keys and the
+nearest ones); the stage module and the DataModule check their values, sizes, modes and
+ratios in ``__init__``, and that error is raised as it is, not inside jsonargparse's union
+report. Checkpoints (``--ckpt_path``) load with ``weights_only=True`` only.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
+from importlib import import_module
+from typing import Any, NoReturn
+
 import jsonargparse
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cheers_pl.data.datamodule import CheersDataModule
 from cheers_pl.stages.base import CheersModule
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+_UNION = "Does not validate against any of the Union subtypes"
+_CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)':")
+_UNKNOWN = [
+    re.compile(r"Subcommand '(?P<sub>[^']+)' does not accept option '(?P<key>[^']+)'"),
+    re.compile(r"Group '(?P<group>[^']+)' does not accept option '(?P<key>[^']+)'"),
+    re.compile(r"Option '(?P<key>[^']+)' is not accepted"),
+]
+
+
+def _import(class_path: str) -> Any:
+    module, _, name = class_path.rpartition(".")
+    return getattr(import_module(module), name)
+
+
+def _class_keys(class_path: str) -> list[str]:
+    """The keys jsonargparse accepts for ``class_path`` (``init_args`` names, nested groups dotted)."""
+    try:
+        parser = jsonargparse.ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(_import(class_path), fail_untyped=False)
+    except Exception:  # only a hint: an unimportable class gets none
+        return []
+    return sorted(a.dest for a in parser._actions if a.dest != "help" and not a.dest.endswith(".help"))
+
+
+def _level(keys: list[str], prefix: str) -> list[str]:
+    """The keys one level below ``prefix`` ("" for the top level)."""
+    cut = len(prefix) + 1 if prefix else 0
+    return sorted({k[cut:].split(".")[0] for k in keys if not prefix or k.startswith(prefix + ".")})
+
+
+def _suggest(key: str, prefix: str, valid: list[str], where: str) -> str:
+    """``hint: 'lr_typo' is not a key of X; did you mean 'lr'? Valid keys are [...]``."""
+    leaf = key.rpartition(".")[2] if prefix else key
+    near = [f"{prefix}.{v}" if prefix else v for v in difflib.get_close_matches(leaf, valid, n=3, cutoff=0.6)]
+    text = f"hint: {key!r} is not a key of {where}"
+    text += f"; did you mean {' or '.join(map(repr, near))}?" if near else "."
+    return text + f" Valid keys{f' of {prefix!r}' if prefix else ''} are {valid}"
+
+
+def stage_classes() -> list[str]:
+    """The class paths a ``model: class_path:`` may name."""
+    from cheers_pl.stages import STAGES
+
+    return [f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}" for cls in STAGES.values()]
+
+
+def config_hints(message: str, ex: Exception | None = None) -> list[str]:
+    """Hints for a jsonargparse error: the valid keys near an unknown one, the valid stage classes."""
+    hints = []
+    for pattern in _UNKNOWN:
+        for m in pattern.finditer(message):
+            key, found = m.group("key"), m.groupdict()
+            if found.get("sub"):  # a key of the subcommand's own parser: trainer.*, data.*, ...
+                sub = getattr(ex, "subcommand_parser", None)
+                keys = [a.dest for a in getattr(sub, "_actions", ()) if a.dest != "help"]
+                prefix = key.rpartition(".")[0]
+                where = f"`cheers {found['sub']}`"
+            else:  # a key of a class given by class_path (the stage, the spec, a callback, ...)
+                before = _CLASS_PATH.findall(message[: m.start()])
+                keys = _class_keys(before[-1]) if before else []
+                prefix = found.get("group") or ""
+                where = before[-1] if before else ""
+                key = f"{prefix}.{key}" if prefix else key
+            valid = _level(keys, prefix)
+            if valid:
+                hints.append(_suggest(key, prefix, valid, where))
+    model = re.search(r"(?s)Parser key \"model\":.*?Problem with given class_path '([^']+)'", message)
+    if model:
+        try:
+            is_stage = issubclass(_import(model.group(1)), CheersModule)
+        except Exception:
+            is_stage = False
+        if not is_stage:
+            hints.append(f"hint: model class_path {model.group(1)!r}: valid stages are {stage_classes()}")
+    return list(dict.fromkeys(hints))
+
+
+class CheersArgumentParser(LightningArgumentParser):
+    """The CLI's parser: its errors also name the valid keys (or stages) near a wrong one."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        hints = [h for h in config_hints(message, ex) if h not in message]  # nested parsers add theirs
+        super().error("\n".join([message, *hints]), ex)
+
+
+def _unwrap(err: BaseException) -> BaseException:
+    """The error a class's ``__init__`` raised, out of jsonargparse's "no Union subtype fits" wrappers."""
+    while isinstance(err, ValueError) and str(err).startswith(_UNION) and err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+class CheersCLI(LightningCLI):
+    """LightningCLI with config errors that name the key and the valid choices (module docstring)."""
+
+    def before_instantiate_classes(self) -> None:
+        sub = self.config.get("subcommand")
+        if sub and "weights_only" in self.config[sub]:
+            if self.config[sub]["weights_only"] is False:
+                self.parser.error(
+                    f"{sub}: weights_only=false is refused: checkpoints load with weights_only=True only "
+                    "(a pickled object in a checkpoint can run code); valid choices are [true, null]"
+                )
+            self.config[sub]["weights_only"] = True
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            inner = _unwrap(err)
+            if inner is err:
+                raise
+            raise inner from None
 
 
 def run(argv: list[str]) -> LightningCLI:
     """Run LightningCLI on ``argv`` (starting with a subcommand)."""
     jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    return LightningCLI(
+    return CheersCLI(
         CheersModule,
         CheersDataModule,
         subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf+"},
+        parser_class=CheersArgumentParser,
         args=argv,
     )
 

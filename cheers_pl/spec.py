@@ -9,7 +9,8 @@ fails before any heavy work, naming the values and the valid choices.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from cheers_pl import registry
@@ -36,13 +37,87 @@ class ComponentSpec:
     path: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.flavor, str):
+            raise ValueError(f"flavor={self.flavor!r} must be a flavor name (a string)")
+        if self.path is not None and not isinstance(self.path, (str, os.PathLike)):
+            raise ValueError(f"path={self.path!r} must be a folder path or null")
+        if self.overrides is None:
+            self.overrides = {}
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"overrides={self.overrides!r} must be a mapping of config field: value")
+
     def kwargs(self) -> dict[str, Any]:
         return {**self.overrides, **({"path": self.path} if self.path is not None else {})}
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
+        raise ValueError(f"spec.{name}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def _component(name: str, value: Any) -> ComponentSpec:
+    """``value`` (a ComponentSpec or a plain dict from YAML / a saved spec) as a ComponentSpec."""
+    if isinstance(value, ComponentSpec):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"spec.{name}={value!r} must be a mapping like {{flavor: tiny}}")
+    valid = [f.name for f in fields(ComponentSpec)]
+    unknown = sorted(set(value) - set(valid))
+    if unknown:
+        raise ValueError(f"spec.{name}: unknown key(s) {unknown}; valid keys are {valid}")
+    try:
+        return ComponentSpec(**value)
+    except ValueError as err:
+        raise ValueError(f"spec.{name}.{err}") from None
+
+
+_MISSING = object()
+
+
+def _default(cfg: Any, key: str) -> Any:
+    kwargs = getattr(cfg, "kwargs", None)  # VAEConfig keeps the diffusers arguments in a dict
+    if isinstance(kwargs, dict):
+        return kwargs.get(key, _MISSING)
+    return getattr(cfg, key, _MISSING)
+
+
+def _type_fits(default: Any, value: Any) -> bool:
+    """Whether an override ``value`` has the type of the flavor's ``default`` (numbers, flags, lists)."""
+    if value is None or default is None or default is _MISSING:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return True
+
+
+def _kind_config(kind: str, comp: ComponentSpec, **extra: Any) -> Any:
+    """``registry.config`` of one component; errors name ``spec.<kind>`` and what was wrong.
+
+    Override values are checked against the type of the flavor's own value first (numbers,
+    flags, lists), since some config classes store a wrong type silently and fail at build.
+    """
+    if comp.overrides:
+        base = registry.config(kind, comp.flavor, **({"path": comp.path} if comp.path is not None else {}))
+        for key, value in comp.overrides.items():
+            default = _default(base, key)
+            if not _type_fits(default, value):
+                raise ValueError(
+                    f"spec.{kind}.overrides.{key}={value!r} has the wrong type: the {comp.flavor} flavor's "
+                    f"value is {default!r} ({type(default).__name__})"
+                )
+    try:
+        return registry.config(kind, comp.flavor, **{**comp.kwargs(), **extra})
+    except TypeError as err:  # a flavor whose config takes only some keys (``pretrained``: path)
+        raise ValueError(
+            f"spec.{kind}: flavor {comp.flavor!r} does not take {sorted(comp.kwargs())} ({err})"
+        ) from None
 
 
 @dataclass
@@ -88,13 +163,13 @@ class CheersSpec:
         if self.fm_loss_images is not None:
             _choice("fm_loss_images", self.fm_loss_images, FM_LOSS_IMAGES)
         if not 0.0 <= self.cfg_dropout <= 1.0:
-            raise ValueError(f"cfg_dropout={self.cfg_dropout} must be in [0, 1]")
+            raise ValueError(f"spec.cfg_dropout={self.cfg_dropout} must be in [0, 1]")
         if self.fm_weight < 0:
-            raise ValueError(f"fm_weight={self.fm_weight} must be >= 0")
-        for name in COMPONENT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, dict):  # from YAML / plain dicts
-                setattr(self, name, ComponentSpec(**value))
+            raise ValueError(f"spec.fm_weight={self.fm_weight} must be >= 0")
+        if self.max_length is not None and (isinstance(self.max_length, bool) or self.max_length < 1):
+            raise ValueError(f"spec.max_length={self.max_length!r} must be >= 1 or null (no limit)")
+        for name in COMPONENT_FIELDS:  # plain dicts from YAML or a saved spec
+            setattr(self, name, _component(name, getattr(self, name)))
 
     @property
     def resolved_fm_loss_images(self) -> str:
@@ -133,15 +208,14 @@ class CheersSpec:
     # -- resolution -------------------------------------------------------------------------
     def resolve(self) -> ResolvedSpec:
         """Read every component config (no weights) and check that their sizes agree."""
-        vae_cfg = registry.config("vae", self.vae.flavor, **self.vae.kwargs())
-        vit_cfg = registry.config(
-            "semantic_encoder", self.semantic_encoder.flavor, **self.semantic_encoder.kwargs()
+        vae_cfg = _kind_config("vae", self.vae)
+        vit_cfg = _kind_config("semantic_encoder", self.semantic_encoder)
+        llm_cfg = _kind_config("llm", self.llm)
+        proj_cfg = _kind_config("projector", self.projector)
+        head_cfg = _kind_config(
+            "cfm_head", self.cfm_head, hfi=self.hfi, stage_b_rope=self.resolved_stage_b_rope
         )
-        llm_cfg = registry.config("llm", self.llm.flavor, **self.llm.kwargs())
-        proj_cfg = registry.config("projector", self.projector.flavor, **self.projector.kwargs())
-        head_kw = {**self.cfm_head.kwargs(), "hfi": self.hfi, "stage_b_rope": self.resolved_stage_b_rope}
-        head_cfg = registry.config("cfm_head", self.cfm_head.flavor, **head_kw)
-        tok_cfg = registry.config("tokenizer", self.tokenizer.flavor, **self.tokenizer.kwargs())
+        tok_cfg = _kind_config("tokenizer", self.tokenizer)
         resolved = ResolvedSpec(self, vae_cfg, vit_cfg, llm_cfg, proj_cfg, head_cfg, tok_cfg)
         resolved.check()
         return resolved
@@ -193,6 +267,7 @@ class ResolvedSpec:
                 vit.patch_size,
                 "the VAE's downsample factor",
                 self.vae_downsample,
+                " (2 x 2^(len(vae.block_out_channels) - 1): the VAE, then the 2x2 patchify)",
             ),
             ("projector.vision_hidden", proj.vision_hidden, "semantic_encoder.hidden_size", vit.hidden_size),
             ("projector.llm_hidden", proj.llm_hidden, "llm.hidden_size", llm.hidden_size),
@@ -200,17 +275,20 @@ class ResolvedSpec:
             ("cfm_head.width_b", head.width_b, "semantic_encoder.hidden_size", vit.hidden_size),
             ("cfm_head.out_channels", head.out_channels, "4 x vae.latent_channels", self.latent_channels),
         ]
-        for name, value, other, expected in pairs:
+        for name, value, other, expected, *why in pairs:
             if value != expected:
-                raise ValueError(f"spec sizes disagree: {name}={value} but {other}={expected}")
+                raise ValueError(f"spec sizes disagree: {name}={value} but {other}={expected}{''.join(why)}")
         if self.image_size % self.vae_downsample:
             raise ValueError(
-                f"image size {self.image_size} is not a multiple of the VAE's {self.vae_downsample}"
+                f"spec sizes disagree: semantic_encoder.image_size={self.image_size} is not a multiple of "
+                f"the VAE's downsample factor {self.vae_downsample}"
             )
         side = self.latent_side
         if side % proj.unshuffle or side % 2:
             raise ValueError(
-                f"token grid {side}x{side} must be divisible by the 2x2 unshuffle / PixelShuffle"
+                f"spec sizes disagree: token grid {side}x{side} (semantic_encoder.image_size="
+                f"{self.image_size} / {self.vae_downsample}) must be divisible by projector.unshuffle="
+                f"{proj.unshuffle} and by the 2x2 PixelShuffle"
             )
         if math.isqrt(self.tokens_per_image) ** 2 != self.tokens_per_image:
             raise ValueError(f"{self.tokens_per_image} tokens per image is not a square grid")
