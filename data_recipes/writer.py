@@ -46,14 +46,20 @@ def error_message(err: SampleError) -> str:
 def read_image_file(root: str | os.PathLike, rel: str) -> bytes:
     """The bytes of ``root/rel``; ``SampleError("bad_path")`` if ``rel`` leaves ``root``.
 
-    The check is on the path as written (absolute, or ``..`` climbing above ``root``), so
-    symbolic links inside ``root`` still work. A missing file raises ``SampleError("missing_image")``.
+    The path as written may not be absolute or climb above ``root`` with ``..``; nor may the
+    file it names, once symbolic links are followed, lie outside ``root`` (links that stay inside
+    ``root`` work). A missing file raises ``SampleError("missing_image")``.
     """
     rel = str(rel).strip()
     norm = os.path.normpath(rel) if rel else ""
     if not rel or os.path.isabs(rel) or norm == ".." or norm.startswith(".." + os.sep):
         raise SampleError("bad_path", f"image path {rel!r} is empty or leaves the image root {root}")
     path = Path(root) / norm
+    real = path.resolve()
+    if path.exists() and not real.is_relative_to(Path(root).resolve()):
+        raise SampleError(
+            "bad_path", f"image path {rel!r} is a link to {real}, outside the image root {root}"
+        )
     try:
         return path.read_bytes()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):

@@ -40,8 +40,6 @@ def read_sharded(path: str | Path) -> dict[str, Any]:
     FSDP writes them), and the rest comes from ``meta.pt`` (``global_step``, ``loops``,
     ``hyper_parameters``, ...). Raises ``FileNotFoundError`` / ``ValueError`` naming the path.
     """
-    from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no sharded checkpoint at {path}")
@@ -50,11 +48,50 @@ def read_sharded(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"{path} is not a sharded checkpoint folder ({DCP_METADATA} and {META} expected, found {found})"
         )
-    checkpoint = _load_distributed_checkpoint(path)  # shards + meta.pt, as Lightning's consolidation
+    checkpoint = _load_weights_only(path)  # shards + meta.pt, as Lightning's consolidation
     checkpoint["state_dict"] = checkpoint.pop("model")
     keys = sorted((k for k in checkpoint if re.fullmatch(r"optimizer_[0-9]+", k)), key=lambda k: int(k[10:]))
     if keys:
         checkpoint["optimizer_states"] = [checkpoint.pop(k) for k in keys]
+    return checkpoint
+
+
+def _load_weights_only(path: Path) -> dict[str, Any]:
+    """Lightning's ``_load_distributed_checkpoint``, but safe: DCP's planner reads every non-tensor
+    entry with ``torch.load(weights_only=False)``, so a shard could run code; here they, and
+    ``meta.pt``, are read with ``weights_only=True`` (a refused object raises ``ValueError``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    class WeightsOnlyPlanner(_EmptyStateDictLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            fqn = read_item.dest_index.fqn
+            try:
+                obj = torch.load(value, weights_only=True)
+            except Exception as err:
+                raise ValueError(
+                    f"{path}: entry {fqn!r} cannot be read with weights_only=True "
+                    f"({type(err).__name__}: {err})"
+                ) from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    checkpoint: dict[str, Any] = {}
+    try:
+        _load_state_dict(
+            checkpoint, storage_reader=FileSystemReader(path), planner=WeightsOnlyPlanner(), no_dist=True
+        )
+    except CheckpointException as err:  # a BaseException holding each rank's error
+        refused = [exc for exc, _ in err.failures.values() if isinstance(exc, ValueError)]
+        if refused:
+            raise refused[0] from None
+        raise
+    checkpoint.update(torch.load(path / META, map_location="cpu", weights_only=True))
     return checkpoint
 
 

@@ -19,9 +19,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if is_sharded_checkpoint(path):
         ckpt = read_sharded(path)
     elif path.is_file():
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a pickled object weights_only refuses, a corrupt or foreign file
+            raise ValueError(
+                f"{path} cannot be read as a checkpoint with weights_only=True ({type(err).__name__}: {err})"
+            ) from None
     else:
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} holds {type(ckpt).__name__}, not a checkpoint dict")
     state = ckpt.get("state_dict", ckpt)
     return {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)} or state
 
