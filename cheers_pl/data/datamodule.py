@@ -19,10 +19,26 @@ from :meth:`CheersDataModule.attach` when used on its own.
 
 ``state_dict`` holds where every rank and every worker is (see :class:`RankStatefulLoader`), so a
 resumed run sees exactly the samples an uninterrupted run would have seen next.
+
+Faults (counted in :meth:`CheersDataModule.data_stats`): at ``setup``, a shard spec that matches
+no file is logged and counted (``missing_spec/<task>``) and a task left with no shard at all is
+dropped from the mixture with a warning (``empty_task/<task>``; the other ratios renormalised,
+see ``CheersDataModule.ratios``); only when every task is empty does ``setup`` raise
+``FileNotFoundError``. While streaming, shards that disappear or are cut, bad samples and tasks
+left with nothing readable are handled by :mod:`~cheers_pl.data.stream` and
+:mod:`~cheers_pl.data.mixture`. A DataLoader worker process that dies (killed, out of memory,
+crashed) stops the run with :class:`DataWorkerDiedError`, which says which worker and how to
+resume from the last checkpoint: the dead worker's stream position cannot be recovered.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import signal
+import threading
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +48,22 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from cheers_pl.components.processor import CheersProcessor
 from cheers_pl.data.mixture import MixtureDataset, TaskSource, check_mixture, stats_from_state
-from cheers_pl.data.shards import expand_shards
+from cheers_pl.data.shards import resolve_shards
 from cheers_pl.data.transforms import SampleEncoder
+
+log = logging.getLogger(__name__)
+# PyTorch's messages for a worker process that is gone (not for an exception raised in a worker,
+# which it re-raises as "Caught <Error> in DataLoader worker process N").
+_WORKER_GONE = re.compile(r"DataLoader worker \(pid")
+RESUME_HINT = (
+    "The last data position is in the last checkpoint (each checkpoint holds every rank's and "
+    "worker's): resume from it with `cheers fit -c CONFIG --ckpt_path last` "
+    "(or Trainer.fit(..., ckpt_path='last'))."
+)
+
+
+class DataWorkerDiedError(RuntimeError):
+    """A DataLoader worker process died mid-run; the message names it and says how to resume."""
 
 
 def _rank_world() -> tuple[int, int]:
@@ -42,12 +72,142 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+class _Fetching:
+    """How many guarded iterators are inside ``__next__`` right now (signal handlers run in the
+    main thread, between two bytecodes of whatever it was doing)."""
+
+    depth = 0
+
+
+_previous_sigchld: Any = None
+
+
+def _sigchld_guard(signum, frame) -> None:
+    """PyTorch's SIGCHLD handler raises "DataLoader worker (pid N) is killed by signal" wherever
+    the main thread happens to be, a training step included. Outside a batch fetch this keeps it
+    for the next fetch, which then raises :class:`DataWorkerDiedError` with the whole story."""
+    try:
+        if callable(_previous_sigchld):
+            _previous_sigchld(signum, frame)
+    except RuntimeError as err:
+        if _Fetching.depth > 0 or not _WORKER_GONE.search(str(err)):
+            raise
+        log.error("%s (the train loader stops at its next batch)", err)
+
+
+def _install_sigchld_guard() -> None:
+    global _previous_sigchld
+    if threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGCHLD)
+    if current is _sigchld_guard or not callable(current):
+        return
+    _previous_sigchld = current
+    signal.signal(signal.SIGCHLD, _sigchld_guard)
+
+
+def _dead_workers(inner: Any) -> list[tuple[int, Any]]:
+    """(index, process) of the workers of a multi-process loader iterator that have exited."""
+    if getattr(inner, "_shutdown", True):
+        return []
+    return [(i, w) for i, w in enumerate(getattr(inner, "_workers", [])) if w.exitcode is not None]
+
+
+def _how(code: int | None) -> str:
+    if code is None:
+        return "exited"
+    if code < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class _GuardedIterator:
+    """The loader's own iterator, with a dead worker turned into :class:`DataWorkerDiedError`."""
+
+    def __init__(self, loader: RankStatefulLoader, inner: Any):
+        self._loader, self._inner = loader, inner
+
+    def __iter__(self) -> _GuardedIterator:
+        return self
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("_inner", "_loader"):  # not set yet (copying): no recursion
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    def __reduce__(self):
+        return (type(None), ())  # pickled as None, as Lightning does with DataLoader iterators
+
+    def __next__(self) -> Any:
+        dead = _dead_workers(self._inner)
+        if dead:
+            self._fail(dead, None)
+        _Fetching.depth += 1
+        try:
+            return next(self._inner)
+        except Exception as err:  # noqa: BLE001 - sorted out below, outside the fetch
+            cause = err
+        finally:
+            _Fetching.depth -= 1
+        gone = isinstance(cause, RuntimeError) and bool(_WORKER_GONE.search(str(cause)))
+        if not isinstance(cause, DataWorkerDiedError) and (gone or isinstance(cause, (OSError, EOFError))):
+            dead = self._wait_for_dead()  # an OSError: a batch whose sender died while handing it over
+            if dead or gone:
+                self._fail(dead, cause)
+        raise cause
+
+    def _wait_for_dead(self, seconds: float = 2.0) -> list[tuple[int, Any]]:
+        """The dead workers, waiting a little: a killed process takes a moment to be seen as dead."""
+        deadline = time.monotonic() + seconds
+        while not (dead := _dead_workers(self._inner)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return dead
+
+    def _fail(self, dead: list[tuple[int, Any]], cause: Exception | None) -> None:
+        workers = getattr(self._inner, "_num_workers", self._loader.num_workers)
+        who = "; ".join(f"worker {i} of {workers} (pid {w.pid}) {_how(w.exitcode)}" for i, w in dead)
+        error = DataWorkerDiedError(
+            f"A DataLoader worker process of the train loader died: {who or cause}. The usual cause is "
+            "the out-of-memory killer (see `dmesg`; fewer num_workers or a smaller shuffle_buffer need "
+            "less memory), otherwise a crash in native decoding code. The worker's position in the data "
+            "streams is lost with it, so this run cannot go on with exactly the data it would have seen. "
+            + RESUME_HINT
+        )
+        self._loader._worker_died = error
+        try:  # the other workers are of no use now
+            self._inner._shutdown_workers()
+        except Exception as err:  # noqa: BLE001 - best effort, the error below is what matters
+            log.debug("shutting down the other workers failed: %s", err)
+        raise error from cause
+
+
 class RankStatefulLoader(StatefulDataLoader):
     """A ``StatefulDataLoader`` whose state holds every rank's position, not just this rank's.
 
     Lightning writes checkpoints from rank 0 only; gathering here means the one file restores
     every rank. ``load_state_dict`` picks this rank's part and refuses a different world size.
+
+    With workers, iterating it raises :class:`DataWorkerDiedError` (instead of PyTorch's
+    "DataLoader worker (pid N) exited unexpectedly", possibly from inside a training step) when a
+    worker process dies; the loader then refuses to start again.
     """
+
+    _worker_died: DataWorkerDiedError | None = None
+
+    def __iter__(self):
+        if self._worker_died is not None:
+            raise DataWorkerDiedError(str(self._worker_died))
+        inner = super().__iter__()
+        if self.num_workers == 0:
+            return inner
+        _install_sigchld_guard()
+        return _GuardedIterator(self, inner)
 
     def state_dict(self) -> dict[str, Any]:
         rank, world = _rank_world()
@@ -96,10 +256,10 @@ class CheersDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.root = root
+        check_mixture(tasks, mixture)  # the plain YAML dicts: unknown keys are named, not a TypeError
         self.sources = {
             name: TaskSource(**cfg) if isinstance(cfg, dict) else cfg for name, cfg in tasks.items()
         }
-        check_mixture(self.sources, mixture)
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.mixture, self.batch_size, self.num_workers = mixture, batch_size, num_workers
@@ -112,6 +272,9 @@ class CheersDataModule(L.LightningDataModule):
         self.processor: CheersProcessor | None = None
         self._loader: RankStatefulLoader | None = None
         self._pending_state: dict | None = None
+        self._tasks: dict[str, TaskSource] | None = None  # after setup: shard lists expanded
+        self._setup_stats: Counter[str] = Counter()
+        self.ratios: dict[str, float] = {}  # after setup: each streamed task's share of the mixture
 
     def attach(self, processor: CheersProcessor, image_size: int | None = None) -> CheersDataModule:
         """Use ``processor`` (and ``image_size``) when no trainer gives them through the model."""
@@ -127,8 +290,40 @@ class CheersDataModule(L.LightningDataModule):
                     "CheersDataModule needs a processor: train a CHEERS stage, or call attach()"
                 )
             self.attach(module.processor, module.image_size)
-        for src in self.sources.values():
-            src.shards = expand_shards([self._rooted(spec) for spec in src.shards])
+        self._tasks = self._resolve()
+
+    def _resolve(self) -> dict[str, TaskSource]:
+        """Expand every task's shard specs; drop (and count) what matches nothing, see the module doc."""
+        stats: Counter[str] = Counter()
+        found: dict[str, tuple[TaskSource, list[str]]] = {}
+        for name, src in self.sources.items():
+            urls, problems = resolve_shards([self._rooted(spec) for spec in src.shards])
+            if problems and src.ratio > 0:
+                stats[f"missing_spec/{name}"] += len(problems)
+                log.warning("task %r: %s", name, "; ".join(problems) + ("" if urls else " (nothing left)"))
+            found[name] = (TaskSource(urls, src.ratio), problems)
+        streamed = {n: src for n, (src, _) in found.items() if src.ratio > 0 and src.shards}
+        if not streamed:
+            raise FileNotFoundError(
+                "no task has any shard file: "
+                + " | ".join(f"{n}: {'; '.join(p) or 'no shards'}" for n, (_, p) in found.items())
+            )
+        total = sum(src.ratio for src in streamed.values())
+        self.ratios = {n: src.ratio / total for n, src in streamed.items()}
+        for name, (src, problems) in found.items():
+            if src.ratio > 0 and not src.shards:
+                stats[f"empty_task/{name}"] = 1
+                log.warning(
+                    "task %r dropped from the mixture: tasks.%s.shards=%s matches no shard file (%s); "
+                    "the tasks left mix as %s",
+                    name,
+                    name,
+                    self.sources[name].shards,
+                    "; ".join(problems),
+                    {n: round(r, 4) for n, r in self.ratios.items()},
+                )
+        self._setup_stats = stats
+        return streamed
 
     def _rooted(self, spec: str) -> str:
         if self.root is None or "://" in spec or spec.startswith("pipe:") or Path(spec).is_absolute():
@@ -139,9 +334,8 @@ class CheersDataModule(L.LightningDataModule):
         if self.processor is None or self.image_size is None:
             raise RuntimeError("call attach(processor, image_size) or setup() first")
         encoder = SampleEncoder(self.processor, self.image_size, self.cfg_dropout)
-        return MixtureDataset(
-            self.sources, encoder, self.batch_size, self.mixture, self.seed, self.shuffle_buffer
-        )
+        tasks = self._tasks if self._tasks is not None else self.sources
+        return MixtureDataset(tasks, encoder, self.batch_size, self.mixture, self.seed, self.shuffle_buffer)
 
     def train_dataloader(self) -> RankStatefulLoader:
         loader = RankStatefulLoader(
@@ -157,9 +351,16 @@ class CheersDataModule(L.LightningDataModule):
         return loader
 
     def data_stats(self) -> dict[str, int]:
-        """Skipped samples by task and reason, shard errors and colour repairs, summed over workers
-        (and over ranks: the loader state holds all of them)."""
-        return stats_from_state(self._loader.state_dict()) if self._loader is not None else {}
+        """What was skipped, repaired or dropped, summed over workers (and over ranks: the loader
+        state holds all of them): the setup counters ``missing_spec/<task>`` and
+        ``empty_task/<task>``, and the streaming ones of
+        :func:`~cheers_pl.data.mixture.stats_from_state` (``skipped/<task>/<reason>``,
+        ``missing_shard/<task>``, ``truncated_shard/<task>``, ``shard_error/<task>``,
+        ``dropped_task/<task>``, ...). Only counters that are not zero appear."""
+        out = Counter(self._setup_stats)
+        if self._loader is not None:
+            out.update(stats_from_state(self._loader.state_dict()))
+        return dict(out)
 
     def state_dict(self) -> dict[str, Any]:
         """Every rank's and worker's position (saved in Lightning checkpoints)."""

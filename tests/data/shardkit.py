@@ -64,3 +64,30 @@ def write_raw(path: Path, members: list[dict]) -> str:
         for m in members:
             w.write(m)
     return str(path)
+
+
+def write_sink(folder: Path, samples: list[Sample], maxcount: int = 1000) -> list[str]:
+    """``samples`` written by the recipes' own writer (``ShardSink``, fixed mtime: no pax headers)."""
+    from data_recipes.writer import ShardSink
+
+    with ShardSink(folder, maxcount=maxcount, mtime=0, overwrite=True) as sink:
+        for s in samples:
+            assert sink.add(s), s.id
+    return [str(folder / e["file"]) for e in sink.manifest["shards"]]
+
+
+def sample_spans(path: str) -> tuple[list[tuple[str, int, int]], int]:
+    """([(key, first byte, end of last member's padded data)] per sample, offset of the end marker)."""
+    import tarfile
+
+    spans: list[tuple[str, int, int]] = []
+    end = 0
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key = m.name.split("/")[-1].split(".")[0]
+            end = m.offset_data + -(-m.size // 512) * 512
+            if spans and spans[-1][0] == key:
+                spans[-1] = (key, spans[-1][1], end)
+            else:
+                spans.append((key, m.offset, end))
+    return spans, end
