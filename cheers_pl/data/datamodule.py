@@ -187,6 +187,59 @@ class _GuardedIterator:
         raise error from cause
 
 
+class _Positions:
+    """The loader's state after each yielded batch, from the last consumed one on.
+
+    ``after[k]`` is the state once k batches were yielded (``after[0]``: the start). Before any
+    consumption is reported (a loader iterated by hand) :meth:`consumed_state` is None: the live
+    state applies.
+    """
+
+    def __init__(self, start: dict[str, Any]):
+        self.after, self.yielded, self.used, self.reported = {0: start}, 0, 0, False
+
+    def yielded_one(self, state: dict[str, Any]) -> None:
+        self.yielded += 1
+        self.after[self.yielded] = state
+
+    def consume(self) -> None:
+        self.reported = True
+        self.used = min(self.used + 1, self.yielded)
+        for k in [k for k in self.after if k < self.used]:
+            del self.after[k]
+
+    def consumed_state(self) -> dict[str, Any] | None:
+        return self.after[self.used] if self.reported else None
+
+
+class _TrackedIterator:
+    """The loader's iterator, recording the loader's state after every batch it yields."""
+
+    def __init__(self, loader: RankStatefulLoader, inner: Any):
+        self._loader, self._inner = loader, inner
+
+    def __iter__(self) -> _TrackedIterator:
+        return self
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("_inner", "_loader"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    def __reduce__(self):
+        return (type(None), ())
+
+    def __next__(self) -> Any:
+        batch = next(self._inner)
+        positions = self._loader._positions
+        if positions is not None:
+            positions.yielded_one(StatefulDataLoader.state_dict(self._loader))
+        return batch
+
+
 class RankStatefulLoader(StatefulDataLoader):
     """A ``StatefulDataLoader`` whose state holds every rank's position, not just this rank's.
 
@@ -199,19 +252,33 @@ class RankStatefulLoader(StatefulDataLoader):
     """
 
     _worker_died: DataWorkerDiedError | None = None
+    _positions: _Positions | None = None
 
     def __iter__(self):
         if self._worker_died is not None:
             raise DataWorkerDiedError(str(self._worker_died))
         inner = super().__iter__()
-        if self.num_workers == 0:
-            return inner
-        _install_sigchld_guard()
-        return _GuardedIterator(self, inner)
+        if self.num_workers > 0:
+            _install_sigchld_guard()
+            inner = _GuardedIterator(self, inner)
+        self._positions = _Positions(StatefulDataLoader.state_dict(self))
+        return _TrackedIterator(self, inner)
+
+    def consumed(self) -> None:
+        """One more batch reached the training step (``CheersDataModule.on_before_batch_transfer``).
+
+        Lightning fetches a batch ahead of the step that uses it, so at a checkpoint the loader has
+        already yielded one batch more than training consumed. Once consumption is reported,
+        :meth:`state_dict` is the position right after the last consumed batch: a resumed run
+        starts with the batch that was fetched but never trained on.
+        """
+        if self._positions is not None:
+            self._positions.consume()
 
     def state_dict(self) -> dict[str, Any]:
         rank, world = _rank_world()
-        mine = super().state_dict()
+        live = self._positions.consumed_state() if self._positions is not None else None
+        mine = live if live is not None else super().state_dict()
         ranks = [mine]
         if world > 1:
             ranks = [None] * world
@@ -361,6 +428,12 @@ class CheersDataModule(L.LightningDataModule):
         if self._loader is not None:
             out.update(stats_from_state(self._loader.state_dict()))
         return dict(out)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Lightning calls this when a batch goes to the step (not when it is prefetched)."""
+        if self._loader is not None:
+            self._loader.consumed()
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         """Every rank's and worker's position (saved in Lightning checkpoints)."""
