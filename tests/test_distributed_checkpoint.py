@@ -126,10 +126,11 @@ def test_the_kit_reads_a_sharded_folder_directly(run, consolidated):
     from cheers_pl.stages.weights import read_state_dict
 
     folder = Path(run[1][0]["path"])
-    assert read_state_dict(folder).keys() == read_state_dict(consolidated).keys()
-    for name, value in read_state_dict(consolidated).items():
-        assert torch.equal(read_state_dict(folder)[name], value), name
+    direct, merged = read_state_dict(folder), read_state_dict(consolidated)
+    assert direct.keys() == merged.keys()
+    for name, value in merged.items():
+        assert torch.equal(direct[name], value), name
     model = load_any(folder)
-    assert model.state_dict().keys() == read_state_dict(consolidated).keys()
+    assert model.state_dict().keys() == merged.keys()
     module = PretrainStage(spec=model.spec, init_from=str(folder))  # accepted at construction
     assert module.init_from == str(folder)
