@@ -124,13 +124,13 @@ def _how(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-class _GuardedIterator:
-    """The loader's own iterator, with a dead worker turned into :class:`DataWorkerDiedError`."""
+class _IteratorProxy:
+    """Wraps the loader's iterator; anything else asked of it goes to the wrapped one."""
 
     def __init__(self, loader: RankStatefulLoader, inner: Any):
         self._loader, self._inner = loader, inner
 
-    def __iter__(self) -> _GuardedIterator:
+    def __iter__(self) -> _IteratorProxy:
         return self
 
     def __len__(self) -> int:
@@ -143,6 +143,10 @@ class _GuardedIterator:
 
     def __reduce__(self):
         return (type(None), ())  # pickled as None, as Lightning does with DataLoader iterators
+
+
+class _GuardedIterator(_IteratorProxy):
+    """The loader's own iterator, with a dead worker turned into :class:`DataWorkerDiedError`."""
 
     def __next__(self) -> Any:
         dead = _dead_workers(self._inner)
@@ -212,25 +216,8 @@ class _Positions:
         return self.after[self.used] if self.reported else None
 
 
-class _TrackedIterator:
+class _TrackedIterator(_IteratorProxy):
     """The loader's iterator, recording the loader's state after every batch it yields."""
-
-    def __init__(self, loader: RankStatefulLoader, inner: Any):
-        self._loader, self._inner = loader, inner
-
-    def __iter__(self) -> _TrackedIterator:
-        return self
-
-    def __len__(self) -> int:
-        return len(self._inner)
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("_inner", "_loader"):
-            raise AttributeError(name)
-        return getattr(self._inner, name)
-
-    def __reduce__(self):
-        return (type(None), ())
 
     def __next__(self) -> Any:
         batch = next(self._inner)
