@@ -116,9 +116,12 @@ class CheersModel(nn.Module):
         features, detail = self.semantic_encoder(x)
         return self.projector(features), detail
 
-    def check_placeholders(self, input_ids: Tensor, n_images: int) -> None:
-        """Raise naming both counts unless the batch has ``tokens_per_image`` placeholders per image."""
-        n_slots = int(torch.isin(input_ids, self.placeholder_ids).sum())
+    def check_placeholders(self, input_ids: Tensor, n_images: int, n_slots: int | None = None) -> None:
+        """Raise naming both counts unless the batch has ``tokens_per_image`` placeholders per image.
+
+        ``n_slots``: the number of placeholders when the caller knows it (no device read here)."""
+        if n_slots is None:
+            n_slots = int(torch.isin(input_ids, self.placeholder_ids).sum())
         if n_slots != n_images * self.tokens_per_image:
             raise ValueError(
                 f"the batch has {n_slots} image placeholders ({n_slots / self.tokens_per_image:g} images of "
@@ -143,11 +146,6 @@ class CheersModel(nn.Module):
                 embeds = embeds.flatten(0, 1).index_copy(0, positions, tokens.flatten(0, 1)).view_as(embeds)
         return embeds, span
 
-    def image_is_generation(self, input_ids: Tensor, span: Tensor) -> Tensor:
-        """(N,) bool: which images of the batch are generation images (``<image_gen>`` spans)."""
-        first = input_ids[span >= 0].view(-1, self.tokens_per_image)[:, 0]
-        return first == self.processor.image_gen_id
-
     def batch_index(self, batch: dict) -> dict[str, Tensor]:
         """The batch's gather indices (see ``CheersProcessor.batch_index``): the loader's, if it sent
         them (then the step has no host-device sync), else computed here from the batch."""
@@ -168,12 +166,7 @@ class CheersModel(nn.Module):
         n_img = 0 if images is None else images.shape[0]
         index = self.batch_index(batch)
         positions, gen = index["image_positions"], index["gen_images"]
-        if positions.shape[0] != n_img * self.tokens_per_image:
-            n_slots = positions.shape[0]
-            raise ValueError(
-                f"the batch has {n_slots} image placeholders ({n_slots / self.tokens_per_image:g} images of "
-                f"{self.tokens_per_image} tokens) but {n_img} images were given"
-            )
+        self.check_placeholders(input_ids, n_img, n_slots=positions.shape[0])
         n_gen = gen.shape[0]
         tokens = detail = None
         if n_img:
