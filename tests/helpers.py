@@ -1,5 +1,7 @@
 """Shared test helpers."""
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -19,3 +21,46 @@ def chat_template_ids(tokenizer, messages, add_generation_prompt=False):
     return tokenizer.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
     )
+
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINTED_OVERLAY = """
+trainer:
+  enable_progress_bar: false
+  logger: false
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args:
+        dirpath: ${{trainer.default_root_dir}}/checkpoints
+        every_n_train_steps: {every}
+        save_last: true
+        enable_version_counter: false
+{extra_callbacks}model:
+  init_args:
+    init_from: null
+data:
+  num_workers: {workers}
+"""
+
+
+def tiny_fit_args(
+    run: Path, demo: Path, steps: int, every: int = 2, workers: int = 0, extra_callbacks: str = ""
+) -> list[str]:
+    """``cheers fit`` arguments of the tiny stage II from scratch on ``demo`` shards, checkpointing
+    every ``every`` steps (each also as ``last.ckpt``) under ``run``; ``extra_callbacks`` is YAML
+    of more ``trainer.callbacks`` entries (4-space indented list items)."""
+    run.mkdir(parents=True, exist_ok=True)
+    overlay = run / "overlay.yaml"
+    overlay.write_text(
+        CHECKPOINTED_OVERLAY.format(every=every, workers=workers, extra_callbacks=extra_callbacks)
+    )
+    configs = [REPO / "experiments/stage2_pretrain.yaml", REPO / "experiments/tiny.yaml", overlay]
+    args = ["fit"] + [a for c in configs for a in ("-c", str(c))]
+    return args + [
+        "--trainer.default_root_dir",
+        str(run),
+        "--data.root",
+        str(demo),
+        "--trainer.max_steps",
+        str(steps),
+    ]

@@ -20,32 +20,9 @@ import torch
 
 from cheers_pl.cli import main
 from cheers_pl.io.checkpoint_io import CheersCheckpointIO
+from tests.helpers import tiny_fit_args
 
 ROOT = Path(__file__).resolve().parents[2]
-OVERLAY = """
-trainer:
-  enable_progress_bar: false
-  logger: false
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args:
-        dirpath: ${trainer.default_root_dir}/checkpoints
-        every_n_train_steps: 2
-        save_last: true
-        enable_version_counter: false
-model:
-  init_args:
-    init_from: null
-"""
-
-
-def fit_args(run: Path, demo: Path, steps: int) -> list[str]:
-    (run / "overlay.yaml").write_text(OVERLAY)
-    configs = ["experiments/stage2_pretrain.yaml", "experiments/tiny.yaml"]
-    return [
-        "fit", "-c", str(ROOT / configs[0]), "-c", str(ROOT / configs[1]), "-c", str(run / "overlay.yaml"),
-        "--trainer.default_root_dir", str(run), "--data.root", str(demo), "--trainer.max_steps", str(steps),
-    ]  # fmt: skip
 
 
 def test_kill_while_writing_last_leaves_the_previous_checkpoint(tmp_path):
@@ -54,7 +31,7 @@ def test_kill_while_writing_last_leaves_the_previous_checkpoint(tmp_path):
     assert main(["data", "demo", "--out", str(demo), "--digits", "20", "--texts", "10"]) == 0
     env = {**os.environ, "CHEERS_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     # saves: step=2 (1), last (2), step=4 (3), last (4): die halfway through the 4th
-    child = [sys.executable, str(ROOT / "tests/io/kill_on_save.py"), "4", *fit_args(run, demo, 6)]
+    child = [sys.executable, str(ROOT / "tests/io/kill_on_save.py"), "4", *tiny_fit_args(run, demo, 6)]
     proc = subprocess.run(child, cwd=ROOT, env=env, capture_output=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
 
@@ -66,7 +43,7 @@ def test_kill_while_writing_last_leaves_the_previous_checkpoint(tmp_path):
     step4 = torch.load(folder / "epoch=0-step=4.ckpt", map_location="cpu", weights_only=True)
     assert step4["global_step"] == 4  # the file written before the kill is complete too
 
-    assert main([*fit_args(run, demo, 6), "--ckpt_path", str(folder / "last.ckpt")]) == 0
+    assert main([*tiny_fit_args(run, demo, 6), "--ckpt_path", str(folder / "last.ckpt")]) == 0
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 6
     assert not list(folder.glob(".*.partial-*"))
 

@@ -22,30 +22,15 @@ import pytest
 import torch
 
 from cheers_pl.cli import main
+from tests.helpers import tiny_fit_args
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, KILL_AT, EVERY = 10, 5, 2  # STEPS a multiple of EVERY: the last step is saved
 TOL = dict(rtol=0.0, atol=1e-6)  # fp32 on CPU, one thread: in practice bit-identical
 
-OVERLAY = """
-trainer:
-  enable_progress_bar: false
-  logger: false
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+STEP_LOG = """    - class_path: tests.stages.step_log.StepLog
       init_args:
-        dirpath: ${{trainer.default_root_dir}}/checkpoints
-        every_n_train_steps: {every}
-        save_last: true
-        enable_version_counter: false
-    - class_path: tests.stages.step_log.StepLog
-      init_args:
-        path: ${{trainer.default_root_dir}}/steps.jsonl
-model:
-  init_args:
-    init_from: null
-data:
-  num_workers: 2
+        path: ${trainer.default_root_dir}/steps.jsonl
 """
 
 
@@ -57,13 +42,8 @@ def demo(tmp_path_factory):
 
 
 def fit(run: Path, demo: Path, *extra: str) -> subprocess.Popen:
-    overlay = run / "overlay.yaml"
-    run.mkdir(parents=True, exist_ok=True)
-    overlay.write_text(OVERLAY.format(every=EVERY))
-    cmd = [sys.executable, "-m", "cheers_pl", "fit", "-c", str(ROOT / "experiments/stage2_pretrain.yaml")]
-    cmd += ["-c", str(ROOT / "experiments/tiny.yaml"), "-c", str(overlay)]
-    cmd += ["--trainer.default_root_dir", str(run), "--data.root", str(demo)]
-    cmd += ["--trainer.max_steps", str(STEPS), *extra]
+    args = tiny_fit_args(run, demo, STEPS, every=EVERY, workers=2, extra_callbacks=STEP_LOG)
+    cmd = [sys.executable, "-m", "cheers_pl", *args, *extra]
     env = {**os.environ, "CHEERS_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
