@@ -173,21 +173,34 @@ def bfl_name_to_diffusers(name: str, num_up_blocks: int | None = None) -> str | 
 def is_attention_weight(bfl_name: str) -> bool:
     """True for BFL's 1x1-conv attention weights (q, k, v, proj_out), Linear weights in diffusers."""
     m = _B["mid_attn"].fullmatch(bfl_name)
-    return m is not None and m.group(3) == "weight"
+    return m is not None and m.group(2) != "norm" and m.group(3) == "weight"
+
+
+def _check_attention_shape(bfl_name: str, tensor: Tensor, side: str) -> None:
+    """Raise naming the tensor and both shapes unless an attention weight is (C, C, 1, 1) / (C, C)."""
+    shape, c = tuple(tensor.shape), tensor.shape[0] if tensor.ndim else 0
+    want = (c, c, 1, 1) if side == "bfl" else (c, c)
+    if shape != want:
+        other = "a 1x1 conv, BFL" if side == "bfl" else "a Linear, diffusers"
+        raise ValueError(f"attention weight {bfl_name} has shape {shape}; expected {want} ({other} naming)")
 
 
 def bfl_tensor_to_diffusers(bfl_name: str, tensor: Tensor) -> Tensor:
-    """(C, C, 1, 1) -> (C, C) for attention weights; every other tensor unchanged."""
-    if is_attention_weight(bfl_name) and tensor.ndim == 4:
-        return tensor.reshape(tensor.shape[0], tensor.shape[1])
-    return tensor
+    """(C, C, 1, 1) -> (C, C) for attention weights; every other tensor unchanged.
+
+    A misshapen attention weight raises naming it and both shapes (no silent reshape)."""
+    if not is_attention_weight(bfl_name):
+        return tensor
+    _check_attention_shape(bfl_name, tensor, "bfl")
+    return tensor.reshape(tensor.shape[0], tensor.shape[1])
 
 
 def diffusers_tensor_to_bfl(bfl_name: str, tensor: Tensor) -> Tensor:
     """(C, C) -> (C, C, 1, 1) for attention weights; every other tensor unchanged."""
-    if is_attention_weight(bfl_name) and tensor.ndim == 2:
-        return tensor.reshape(*tensor.shape, 1, 1)
-    return tensor
+    if not is_attention_weight(bfl_name):
+        return tensor
+    _check_attention_shape(bfl_name, tensor, "diffusers")
+    return tensor.reshape(*tensor.shape, 1, 1)
 
 
 def _convert(state: Mapping[str, Tensor], to_bfl: bool, num_up_blocks: int | None) -> dict[str, Tensor]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from cheers_pl.io import bfl_vae
-from cheers_pl.io.released import read_safetensors_folder
+from cheers_pl.io.safetensors_folder import read_safetensors_folder
 
 
 @dataclass

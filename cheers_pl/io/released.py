@@ -1,22 +1,10 @@
 """The authors' released Cheers checkpoint <-> the kit's :class:`~cheers_pl.model.CheersModel`.
 
-Name mapping (DESIGN section 7), released prefix -> kit prefix; the rest of the name is the same
-except inside the two VAE groups, which are in BFL's FLUX.2 naming there and diffusers' naming in
-the kit (:mod:`cheers_pl.io.bfl_vae`, attention 1x1-conv weights reshaped to Linear weights)::
-
-    lm_head.                                   llm.model.lm_head.       (tied to embed_tokens)
-    model.language_model.                      llm.model.model.
-    model.vision_representation.               semantic_encoder.vit.
-    model.vae_model.                 (BFL)     vae.vae.                 (diffusers)
-    model.vae_decoder_projector.     (BFL)     pixel_decoder.           (decoder.*, bn.*; BFL's
-                                               decoder.post_quant_conv is pixel_decoder.post_quant_conv)
-    model.und_projector.                       projector.
-    model.time_embed.                          cfm_head.time_embed.
-    model.gen_projector.diffusion_head_a.N.    cfm_head.stage_a_blocks.N.
-    model.gen_projector.diffusion_head_b.      cfm_head.stage_a_final.
-    model.hi_gate.                             cfm_head.hfi_gate.
-    model.hi_projector.diffusion_head_a.N.     cfm_head.stage_b_blocks.N.
-    model.hi_projector.diffusion_head_b.       cfm_head.stage_b_final.
+A released folder is ``config.json`` + safetensors shards (+ ``model.safetensors.index.json``).
+What goes where is :mod:`cheers_pl.io.released_names` (one table of name rules, and the two
+tensors whose channel order the release packs differently); the spec is derived from
+``config.json`` by :mod:`cheers_pl.io.released_config`. This module converts, tensor by tensor
+with a report, in both directions.
 
 BFL keeps the quant convs inside the encoder/decoder (``encoder.quant_conv``,
 ``decoder.post_quant_conv``), so every kit tensor has a released counterpart: at paper size both
@@ -28,9 +16,9 @@ computes), the pixel decoder's post-quant conv and statistics from the frozen VA
 of it), and an absent SigLIP pooling head (unused, frozen) from the model's initialisation.
 
 Entry points: :func:`released_to_kit` / :func:`kit_to_released` (state dicts),
-:func:`load_released_folder` (a released folder -> a loaded CheersModel),
-:func:`convert_components` (the three component releases -> stage-I start folders) and
-:func:`main` (``cheers convert``).
+:func:`load_released` (a released folder -> a loaded CheersModel), :func:`write_kit_weights`
+(released folder -> converted kit folder), :func:`write_released_folder` (a kit model folder ->
+released folder) and :func:`main` (``cheers convert``).
 """
 
 from __future__ import annotations
@@ -38,7 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,57 +34,37 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cheers_pl.io import bfl_vae
+from cheers_pl.io.released_config import SPEC_KEY, read_released_config, spec_from_released_config
+from cheers_pl.io.released_names import (
+    EMBED,
+    LM_HEAD,
+    RULES,
+    SIGLIP_HEAD,
+    Rule,
+    kit_name_to_released,
+    kit_tensor_to_released,
+    levels_of,
+    released_name_to_kit,
+    released_tensor_to_kit,
+)
+from cheers_pl.io.safetensors_folder import (
+    INDEX_FILE,
+    read_safetensors_folder,
+    save_safetensors_folder,
+    unshared,
+)
 
-INDEX_FILE = "model.safetensors.index.json"
 KIT_WEIGHTS = "model.safetensors"
 KIT_SPEC = "cheers_spec.json"
 KIT_REPORT = "conversion_report.json"
-SPEC_KEY = (
-    "cheers_pl_spec"  # optional kit extension of a released config.json (see spec_from_released_config)
-)
-
-EMBED = "llm.model.model.embed_tokens.weight"
-LM_HEAD = "llm.model.lm_head.weight"
-SIGLIP_HEAD = "semantic_encoder.vit.head."
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A released prefix <-> a kit prefix; ``vae``: a group in BFL (released) / diffusers (kit) naming."""
-
-    released: str
-    kit: str
-    vae: str | None = None  # "vae" (the whole autoencoder) or "pixel" (decoder + bn only)
-
-
-RULES: tuple[Rule, ...] = (
-    Rule("lm_head.", "llm.model.lm_head."),
-    Rule("model.language_model.", "llm.model.model."),
-    Rule("model.vision_representation.", "semantic_encoder.vit."),
-    Rule("model.vae_model.", "vae.vae.", "vae"),
-    Rule("model.vae_decoder_projector.", "pixel_decoder.", "pixel"),
-    Rule("model.und_projector.", "projector."),
-    Rule("model.time_embed.", "cfm_head.time_embed."),
-    Rule("model.gen_projector.diffusion_head_a.", "cfm_head.stage_a_blocks."),
-    Rule("model.gen_projector.diffusion_head_b.", "cfm_head.stage_a_final."),
-    Rule("model.hi_gate.", "cfm_head.hfi_gate."),
-    Rule("model.hi_projector.diffusion_head_a.", "cfm_head.stage_b_blocks."),
-    Rule("model.hi_projector.diffusion_head_b.", "cfm_head.stage_b_final."),
-)
-# VAE-local names each group may hold: BFL side (released) and diffusers side (kit)
-_GROUP_BFL = {"vae": ("encoder.", "decoder.", "bn."), "pixel": ("decoder.", "bn.")}
-_GROUP_DIFFUSERS = {
-    "vae": ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn."),
-    "pixel": ("decoder.", "post_quant_conv.", "bn."),
-}
-
-
-def _rule_for(name: str, side: str) -> Rule | None:
-    for rule in sorted(RULES, key=lambda r: -len(getattr(r, side))):
-        if name.startswith(getattr(rule, side)):
-            return rule
-    return None
+RELEASED_CONFIG = "released_config.json"  # the source config.json, kept for the way back
+RELEASED_INDEX = "released_index.json"  # the source shards' weight map, kept for the way back
+__all__ = [
+    "EMBED", "INDEX_FILE", "KIT_SPEC", "KIT_WEIGHTS", "LM_HEAD", "RULES", "SIGLIP_HEAD", "SPEC_KEY",
+    "ConversionReport", "Rule", "kit_name_to_released", "kit_to_released", "load_released",
+    "read_released_config", "read_safetensors_folder", "released_name_to_kit", "released_to_kit",
+    "save_released_folder", "spec_from_released_config", "write_kit_weights", "write_released_folder",
+]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,52 +150,6 @@ class ConversionReport:
 
 # ---------------------------------------------------------------------------------------------
 # State-dict mapping
-def _group_levels(names: Iterable[str], prefix: str, naming: str) -> int | None:
-    return bfl_vae.count_up_blocks([n[len(prefix) :] for n in names if n.startswith(prefix)], naming)
-
-
-def released_name_to_kit(name: str, levels: Mapping[str, int | None] | None = None) -> str | None:
-    """The kit name of one released name, or None. ``levels``: decoder levels per VAE group."""
-    rule = _rule_for(name, "released")
-    if rule is None:
-        return None
-    rest = name[len(rule.released) :]
-    if rule.vae is None:
-        return rule.kit + rest if rest else None
-    if not rest.startswith(_GROUP_BFL[rule.vae]):
-        return None
-    local = bfl_vae.bfl_name_to_diffusers(rest, (levels or {}).get(rule.vae))
-    return None if local is None else rule.kit + local
-
-
-def kit_name_to_released(name: str, levels: Mapping[str, int | None] | None = None) -> str | None:
-    """The released name of one kit name, or None (the inverse of :func:`released_name_to_kit`)."""
-    rule = _rule_for(name, "kit")
-    if rule is None:
-        return None
-    rest = name[len(rule.kit) :]
-    if rule.vae is None:
-        return rule.released + rest if rest else None
-    if not rest.startswith(_GROUP_DIFFUSERS[rule.vae]):
-        return None
-    local = bfl_vae.diffusers_name_to_bfl(rest, (levels or {}).get(rule.vae))
-    return None if local is None else rule.released + local
-
-
-def _levels_of(names: Iterable[str], side: str) -> dict[str, int | None]:
-    names = list(names)
-    naming = "bfl" if side == "released" else "diffusers"
-    return {r.vae: _group_levels(names, getattr(r, side), naming) for r in RULES if r.vae}
-
-
-def _vae_local(name: str, side: str) -> str | None:
-    """The BFL-local name of a name inside a VAE group (for the tensor reshape), else None."""
-    rule = _rule_for(name, side)
-    if rule is None or rule.vae is None:
-        return None
-    return name[len(rule.released if side == "released" else rule.kit) :]
-
-
 def _identity_conv(channels: int, like: Tensor) -> tuple[Tensor, Tensor]:
     eye = torch.eye(channels, dtype=like.dtype, device=like.device).reshape(channels, channels, 1, 1)
     return eye, torch.zeros(channels, dtype=like.dtype, device=like.device)
@@ -308,7 +230,7 @@ def released_to_kit(
             saved twice, they must be equal).
     """
     report = ConversionReport()
-    levels = _levels_of(state, "released")
+    levels = levels_of(state, "released")
     kit: dict[str, Tensor] = {}
     origin: dict[str, str] = {}
     for name, tensor in state.items():
@@ -321,8 +243,7 @@ def released_to_kit(
             continue
         if new in kit:
             raise ValueError(f"released names {origin[new]!r} and {name!r} both map to {new!r}")
-        local = _vae_local(name, "released")
-        kit[new] = bfl_vae.bfl_tensor_to_diffusers(local, tensor) if local is not None else tensor
+        kit[new] = released_tensor_to_kit(name, new, tensor)
         origin[new] = name
         report.mapped.append((name, new))
     _fill(kit, report, reference, tied)
@@ -347,7 +268,7 @@ def kit_to_released(kit_state: Mapping[str, Tensor], lm_head: bool = True) -> di
     Raises naming any kit tensor the released layout has no place for (e.g. the latent-mode patch
     embedding of the TUNA-style ablation).
     """
-    levels = _levels_of(kit_state, "kit")
+    levels = levels_of(kit_state, "kit")
     out: dict[str, Tensor] = {}
     origin: dict[str, str] = {}
     unknown = []
@@ -360,8 +281,7 @@ def kit_to_released(kit_state: Mapping[str, Tensor], lm_head: bool = True) -> di
             continue
         if new in out:
             raise ValueError(f"kit names {origin[new]!r} and {name!r} both map to released {new!r}")
-        local = _vae_local(new, "released")
-        out[new] = bfl_vae.diffusers_tensor_to_bfl(local, tensor) if local is not None else tensor
+        out[new] = kit_tensor_to_released(name, new, tensor)
         origin[new] = name
     if unknown:
         raise ValueError(
@@ -372,164 +292,7 @@ def kit_to_released(kit_state: Mapping[str, Tensor], lm_head: bool = True) -> di
 
 
 # ---------------------------------------------------------------------------------------------
-# Released config -> CheersSpec
-_META_KEYS = {
-    "model_type",
-    "architectures",
-    "torch_dtype",
-    "dtype",
-    "transformers_version",
-    "_name_or_path",
-    "auto_map",
-}
-
-
-def _text_overrides(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in cfg.items():
-        if key in _META_KEYS:
-            continue
-        if key == "rope_theta":  # transformers 4.x spelling
-            out["rope_parameters"] = {"rope_type": "default", "rope_theta": float(value)}
-        else:
-            out[key] = value
-    return out
-
-
-def _vision_overrides(cfg: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
-    out = {k: v for k, v in cfg.items() if k not in _META_KEYS and k != "num_patches"}
-    if "num_patches" in cfg and "image_size" in cfg and "patch_size" in cfg:
-        derived = (cfg["image_size"] // cfg["patch_size"]) ** 2
-        if derived != cfg["num_patches"]:
-            raise ValueError(
-                f"vision_representation_config: num_patches={cfg['num_patches']} but "
-                f"(image_size / patch_size)^2 = {derived}"
-            )
-    if "model_type" in cfg:
-        notes.append(
-            f"vision_representation_config.model_type={cfg['model_type']!r} read as a SigLIP vision tower"
-        )
-    return out
-
-
-def spec_from_released_config(config: Mapping[str, Any]):
-    """The kit's :class:`~cheers_pl.spec.CheersSpec` for a released ``config.json``; returns (spec, notes).
-
-    Paper flavors, ``compat="released"``, with ``text_config`` as LLM overrides,
-    ``vision_representation_config`` as SigLIP overrides, and the projector / CFM-head widths
-    following them. A kit extension, the optional key ``"cheers_pl_spec"``, holds CheersSpec
-    fields (components as ``{"flavor", "path", "overrides"}``) that take precedence: it is how a
-    checkpoint of another size (the tests' tiny one) says which flavors it was built from.
-    """
-    from cheers_pl.spec import COMPONENT_FIELDS, CheersSpec, ComponentSpec
-
-    notes: list[str] = []
-    extra = dict(config.get(SPEC_KEY) or {})
-    text = _text_overrides(config.get("text_config") or {})
-    vision = _vision_overrides(config.get("vision_representation_config") or {}, notes)
-    th, vh = text.get("hidden_size"), vision.get("hidden_size")
-    derived: dict[str, dict[str, Any]] = {
-        "llm": text,
-        "semantic_encoder": vision,
-        "projector": {k: v for k, v in (("vision_hidden", vh), ("llm_hidden", th)) if v is not None},
-        "cfm_head": {k: v for k, v in (("width_a", th), ("width_b", vh)) if v is not None},
-    }
-    parts = {}
-    for name in COMPONENT_FIELDS:
-        given = extra.pop(name, None)
-        comp = ComponentSpec(**given) if isinstance(given, Mapping) else (given or ComponentSpec("paper"))
-        if comp.flavor == "pretrained":
-            if derived.get(name):
-                notes.append(f"{name}: flavor 'pretrained' reads its own config; released sizes not applied")
-        else:
-            comp = ComponentSpec(comp.flavor, comp.path, {**derived.get(name, {}), **comp.overrides})
-        parts[name] = comp
-    for key in ("vae_encoder_config", "vae_decoder_config"):
-        if key in config:
-            notes.append(f"{key}={config[key]} ignored (BFL's resolution changes no tensor)")
-    extra.setdefault("compat", "released")
-    return CheersSpec(**parts, **extra), notes
-
-
-# ---------------------------------------------------------------------------------------------
 # Files
-def read_safetensors_folder(folder: str | Path) -> dict[str, Tensor]:
-    """Every tensor of a folder's ``*.safetensors`` shards (through the index json when there is one)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    index = folder / INDEX_FILE
-    weight_map = None
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({folder / f for f in weight_map.values()})
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors weights")
-    state: dict[str, Tensor] = {}
-    for path in files:
-        if not path.is_file():
-            raise FileNotFoundError(f"{index} names the shard {path.name}, which is not in {folder}")
-        for name, tensor in load_file(str(path)).items():
-            if name in state:
-                raise ValueError(f"{folder}: tensor {name!r} is in more than one shard")
-            state[name] = tensor
-    if weight_map is not None and set(weight_map) != set(state):
-        lost, extra = sorted(set(weight_map) - set(state)), sorted(set(state) - set(weight_map))
-        raise ValueError(
-            f"{index} disagrees with the shards: listed but absent {lost[:5]}, unlisted {extra[:5]}"
-        )
-    return state
-
-
-def _unshared(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Contiguous tensors, cloning any that shares storage with an earlier one (safetensors refuses ties)."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in state.items():
-        t = tensor.contiguous()
-        if t.numel():
-            ptr = t.untyped_storage().data_ptr()
-            t = t.clone() if ptr in seen else t
-            seen.add(t.untyped_storage().data_ptr())
-        out[name] = t
-    return out
-
-
-def save_released_folder(
-    state: Mapping[str, Tensor], folder: str | Path, config: Mapping[str, Any], num_shards: int = 1
-) -> Path:
-    """Write a released-layout state dict as ``num_shards`` safetensors shards + index json + ``config``."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = _unshared(state)
-    names = list(state)
-    per = -(-len(names) // max(num_shards, 1))
-    weight_map, total = {}, 0
-    for i in range(num_shards):
-        chunk = names[i * per : (i + 1) * per]
-        file = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" if num_shards > 1 else KIT_WEIGHTS
-        save_file({n: state[n] for n in chunk}, str(folder / file), {"format": "pt"})
-        for n in chunk:
-            weight_map[n] = file
-            total += state[n].numel() * state[n].element_size()
-    if num_shards > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return folder
-
-
-def read_released_config(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no config.json (expected a released Cheers folder)")
-    return json.loads(path.read_text())
-
-
 def _tied(spec) -> bool:
     return bool(getattr(spec.resolve().llm, "tie_word_embeddings", True))
 
@@ -613,10 +376,52 @@ def write_kit_weights(src: str | Path, out: str | Path, dtype: str = "keep", str
         torch.save({**payload, "conversion_report": report.to_dict()}, out)
         return report
     out.mkdir(parents=True, exist_ok=True)
-    save_file(_unshared(kit), str(out / KIT_WEIGHTS), {"format": "pt"})
+    save_file(unshared(kit), str(out / KIT_WEIGHTS), {"format": "pt"})
     (out / KIT_SPEC).write_text(json.dumps(spec_dict, indent=2))
     (out / KIT_REPORT).write_text(json.dumps(report.to_dict(), indent=1))
+    (out / RELEASED_CONFIG).write_text(json.dumps(read_released_config(src), indent=4))
+    index = Path(src) / INDEX_FILE
+    if index.is_file():
+        (out / RELEASED_INDEX).write_text(index.read_text())
     return report
+
+
+def save_released_folder(
+    state: Mapping[str, Tensor], folder: str | Path, config: Mapping[str, Any], num_shards: int = 1
+) -> Path:
+    """Write a released-layout state dict as ``num_shards`` safetensors shards + index json + ``config``."""
+    return save_safetensors_folder(state, folder, config, num_shards)
+
+
+def write_released_folder(model_path: str | Path, out: str | Path, config: Mapping[str, Any] | None = None):
+    """A kit model (any format :func:`~cheers_pl.io.export.load_any` reads) -> a released folder at ``out``.
+
+    The tensors are :func:`kit_to_released` of the model's, in the dtypes they were saved in. A
+    converted folder (``cheers convert SRC``) keeps its source's ``config.json`` and shard layout,
+    so converting it back writes the same shards: the same names in the same files, every tensor
+    bit for bit, and nothing the conversion only filled in (its report's ``filled``). Any other
+    model needs ``config`` (the released ``config.json`` to write).
+    """
+    from cheers_pl.io.export import load_any
+
+    model_path, out = Path(model_path), Path(out)
+    model = load_any(model_path)
+    state = kit_to_released(model.state_dict())
+    weight_map = None
+    if model_path.is_dir() and (model_path / RELEASED_CONFIG).is_file():
+        config = config or json.loads((model_path / RELEASED_CONFIG).read_text())
+        filled = json.loads((model_path / KIT_REPORT).read_text()).get("filled", [])
+        for kit_name, _ in filled:
+            state.pop(kit_name_to_released(kit_name, levels_of(model.state_dict(), "kit")) or "", None)
+        if (model_path / RELEASED_INDEX).is_file():
+            weight_map = json.loads((model_path / RELEASED_INDEX).read_text())["weight_map"]
+    if config is None:
+        raise ValueError(
+            f"{model_path} records no released config.json (not a converted folder); pass config="
+        )
+    if weight_map is None:
+        return save_safetensors_folder(state, out, config)
+    return save_safetensors_folder(state, out, config, weight_map=weight_map)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("src", nargs="?", help="released Cheers folder")
     parser.add_argument("--out", required=True, help="output folder (or CKPT.pt for a torch file)")
+    parser.add_argument(
+        "--to-released",
+        metavar="MODEL",
+        help="the other way: a kit model (converted or exported folder, stage .ckpt) -> a released "
+        "folder at --out; a model that is no converted folder needs --released-config",
+    )
+    parser.add_argument("--released-config", help="the config.json to write with --to-released")
     parser.add_argument("--dtype", default="keep", choices=["keep", "bfloat16", "float32"])
     parser.add_argument("--allow-leftovers", action="store_true", help="report leftovers instead of failing")
     parser.add_argument("--siglip", help="SigLIP2 checkpoint folder -> OUT/siglip")
@@ -639,11 +451,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``cheers convert SRC --out DIR``; ``--to-released MODEL``; ``--siglip/--qwen/--vae`` (components)."""
     from cheers_pl.io.components import convert_components
 
-    """``cheers convert SRC --out DIR`` (and ``--siglip/--qwen/--vae`` for the component releases)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.to_released is not None:
+        config = json.loads(Path(args.released_config).read_text()) if args.released_config else None
+        try:
+            write_released_folder(args.to_released, args.out, config)
+        except (ValueError, OSError) as err:
+            parser.exit(2, f"cheers convert: error: {err}\n")
+        print(f"wrote the released layout of {args.to_released} to {args.out}")
+        return 0
     components = (args.siglip, args.qwen, args.vae)
     if args.src is None and all(c is None for c in components):
         parser.error("give SRC (a released Cheers folder) and/or --siglip/--qwen/--vae")
