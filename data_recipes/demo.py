@@ -3,17 +3,27 @@
 Photos: 17 of scikit-image's ``skimage.data`` images, stored as PNG with the shorter side
 downscaled to 128 px (grayscale ones stay grayscale). Digits: scikit-learn's ``load_digits()``
 (8x8, ink 0..16) scaled to 0..255 and upscaled to 64x64 (nearest neighbour), white on black; the
-first ``--digits`` of the 1797. Written to three folders, each with its own shards and manifest:
+first ``--digits`` of the 1797. Numbers: the reading task (the spirit of the paper's Table 6),
+64x64 images of 2-4 digit numbers rendered with Pillow's bundled font at random sizes, strokes and
+positions, white on black (:mod:`data_recipes.numbers`). Written to folders, each with its own
+shards and manifest:
 
 - ``understanding/``: per photo a captioning question, a question about it and "is it in colour?";
-  per digit "What digit is this?" and "Describe the image.";
+  per digit "What digit is this?" and "Describe the image."; ``--reading`` numbers with
+  "What number is written?" -> "It is the number 1234.";
 - ``generation/``: per photo and per digit, its caption -> the image;
 - ``text/``: ``--texts`` chats: arithmetic (some two-round, with a system prompt), digit and
   colour facts;
 - ``heldout/``: generation samples of the ``--heldout`` digits after the training ones;
+- ``heldout_understanding/``: "What digit is this?" on those held-out digits, and
+  ``--heldout-reading`` numbers of their own random draw, never trained on (a number's value may
+  also occur in training, drawn differently: reading must still read);
+- ``judge/digits.npz``: the digit classifier that scores generated digits
+  (:class:`cheers_pl.eval.judge.DigitJudge`), trained on the training digits only;
 
-plus ``manifest.json`` over all three. The output is deterministic: the same shards, byte for
-byte, on every run (tar members carry a fixed time).
+plus ``manifest.json`` over the three training folders, which also lists the held-out folders
+and the judge with its accuracy on the held-out digits. The output is deterministic: the same
+shards, byte for byte, on every run (tar members carry a fixed time), and the same judge.
 """
 
 from __future__ import annotations
@@ -33,12 +43,18 @@ import numpy as np
 from PIL import Image
 
 from cheers_pl.data.schema import IMAGE, IMAGE_GEN, Sample
+from data_recipes import numbers
 from data_recipes.common import add_output_arguments, caption_question, recipe_main, sink_from_args
 from data_recipes.writer import MANIFEST, ShardSink, prepare_out_dir
 
 MTIME = 1735689600  # 2025-01-01T00:00:00Z, the time stamp of every tar member
 TASK_FOLDERS = ("understanding", "generation", "text")
 HELDOUT = "heldout"  # generation samples of digits not in the training folders (sweep's held-out FM loss)
+HELDOUT_UND = "heldout_understanding"  # digit and reading questions on images never trained on
+JUDGE = "judge/digits.npz"
+DIGIT_QUESTION, READING_QUESTION = "What digit is this?", "What number is written?"
+DIGIT_CAPTION = "a handwritten digit {label} in white on black"
+JUDGE_SIZES = (8, 32, 48, 64)  # image sides the judge's held-out accuracy is measured at
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 # skimage.data name -> (caption, (question, answer))
@@ -158,8 +174,8 @@ def digit_samples(index: int, label: int, image: bytes) -> Iterator[Sample]:
         f"digit-{index:04d}",
         {"source": "sklearn.datasets.load_digits", "index": index, "label": label},
     )
-    caption = f"a handwritten digit {label} in white on black"
-    yield understanding(f"{sid}-qa", "What digit is this?", f"It is the digit {label}.", image, meta)
+    caption = DIGIT_CAPTION.format(label=label)
+    yield understanding(f"{sid}-qa", DIGIT_QUESTION, f"It is the digit {label}.", image, meta)
     yield understanding(
         f"{sid}-describe",
         "Describe the image.",
@@ -247,14 +263,74 @@ def photo_and_digit_samples(sink: ShardSink, digits: int) -> Iterator[Sample]:
         yield from digit_samples(i, int(data.target[i]), png_bytes(digit_image(data.images[i])))
 
 
-def heldout_samples(first: int, count: int) -> Iterator[Sample]:
-    """Generation samples of the ``count`` digits after the first ``first`` (never trained on)."""
+def heldout_samples(first: int, count: int, task: str = "generation") -> Iterator[Sample]:
+    """``task`` samples ("generation", or "understanding": the digit question) of the ``count``
+    digits after the first ``first`` (never trained on)."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
     for i in range(first, min(first + count, len(data.target))):
         png = png_bytes(digit_image(data.images[i]))
-        yield from (s for s in digit_samples(i, int(data.target[i]), png) if s.task == "generation")
+        samples = digit_samples(i, int(data.target[i]), png)
+        yield from (s for s in samples if s.task == task and not s.id.endswith("-describe"))
+
+
+def reading_samples(split: str, count: int, min_digits: int, max_digits: int) -> Iterator[Sample]:
+    """``count`` reading questions of rendered numbers; ``split`` ("train", "heldout") seeds the draw."""
+    rng = random.Random(f"demo-reading-{split}")
+    for i in range(count):
+        r = numbers.random_rendering(rng, min_digits, max_digits)
+        meta = {"source": "demo.numbers", "split": split, **r.meta()}
+        png = png_bytes(numbers.draw(r))
+        yield understanding(
+            f"reading-{split}-{i:04d}", READING_QUESTION, f"It is the number {r.text}.", png, meta
+        )
+
+
+def digit_sizes(pixels: np.ndarray, size: int) -> np.ndarray:
+    """8x8 digits (N,8,8), ink 0..16 -> (N,size,size) in [0,1] as the model sees them (size 8: raw)."""
+    if size == 8:
+        return pixels / 16.0
+    from cheers_pl.data.images import resize_crop
+
+    out = [np.asarray(resize_crop(digit_image(p).convert("RGB"), size).convert("L")) for p in pixels]
+    return np.stack(out) / 255.0
+
+
+def build_judge(out, digits: int, heldout: int) -> dict[str, Any]:
+    """Fit the digit judge on the first ``digits`` digits, save it under ``out``; its manifest entry
+    (``{"file": None, "reason"}`` when those digits lack a class).
+
+    Accuracy on the ``heldout`` digits after them at every size of :data:`JUDGE_SIZES` (as the
+    generation preprocessing resizes them), and at 32 px on all the digits the demo never uses.
+    """
+    from sklearn.datasets import load_digits
+
+    from cheers_pl.eval.judge import DigitJudge
+
+    data = load_digits()
+    if len(set(data.target[:digits].tolist())) < 10:  # a judge that cannot name every digit: none
+        return {"file": None, "reason": f"--digits {digits} does not hold every class 0-9"}
+    judge = DigitJudge.fit(data.images[:digits] / 16.0, data.target[:digits])
+    judge.save(out / JUDGE)
+    end = min(digits + heldout, len(data.target))
+    held, held_y = data.images[digits:end], data.target[digits:end]
+    rest, rest_y = data.images[end:], data.target[end:]
+    entry: dict[str, Any] = {
+        "file": JUDGE,
+        "model": "RBF SVM (C=10, gamma=0.05) on 8x8 area-downsampled grayscale, max-normalised",
+        "trained_on": f"load_digits 0..{digits - 1} (the training digits)",
+        "train_count": digits,
+        "heldout_count": len(held_y),
+    }
+    if len(held_y):
+        by_size = {str(s): round(judge.accuracy(digit_sizes(held, s), held_y), 4) for s in JUDGE_SIZES}
+        entry["heldout_accuracy"] = by_size["32"]
+        entry["heldout_accuracy_by_size"] = by_size
+    if len(rest_y):  # other writers: a harder, larger test
+        entry["unused_digits_count"] = len(rest_y)
+        entry["unused_digits_accuracy"] = round(judge.accuracy(digit_sizes(rest, 32), rest_y), 4)
+    return entry
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -265,8 +341,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--heldout",
         type=int,
         default=40,
-        help="digits after the training ones, as held-out generation samples",
+        help="digits after the training ones, as held-out generation and digit-question samples",
     )
+    parser.add_argument("--reading", type=int, default=300, help="rendered numbers to read, for training")
+    parser.add_argument(
+        "--heldout-reading",
+        type=int,
+        default=50,
+        help="rendered numbers to read, held out (never trained on)",
+    )
+    parser.add_argument(
+        "--reading-min-digits", type=int, default=2, help="fewest digits of a rendered number"
+    )
+    parser.add_argument("--reading-max-digits", type=int, default=4, help="most digits of a rendered number")
+    parser.add_argument("--no-judge", dest="judge", action="store_false", help="do not fit the digit judge")
     add_output_arguments(parser, maxcount=50)
 
 
@@ -295,6 +383,11 @@ def combine(manifests: dict[str, dict[str, Any]], prefix: str) -> dict[str, Any]
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Write the demo set under ``args.out``; the top manifest."""
+    if not 1 <= args.reading_min_digits <= args.reading_max_digits <= numbers.MAX_DIGITS:
+        raise ValueError(
+            f"--reading-min-digits {args.reading_min_digits} and --reading-max-digits "
+            f"{args.reading_max_digits}: need 1 <= min <= max <= {numbers.MAX_DIGITS}"
+        )
     out = prepare_out_dir(args.out, args.prefix, args.overwrite)
     with ExitStack() as stack:
         sinks = {
@@ -303,16 +396,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         for sample in photo_and_digit_samples(sinks["understanding"], args.digits):
             sinks[sample.task].add(sample)
+        reading = (args.reading_min_digits, args.reading_max_digits)
+        for sample in reading_samples("train", args.reading, *reading):
+            sinks["understanding"].add(sample)
         for sample in text_samples(args.texts):
             sinks["text"].add(sample)
-        held = None
+        held = held_und = None
+        kinds: Counter[str] = Counter()
         if args.heldout:
             held = stack.enter_context(sink_from_args(args, "demo/heldout", out / HELDOUT, mtime=MTIME))
             for sample in heldout_samples(args.digits, args.heldout):
                 held.add(sample)
+        if args.heldout or args.heldout_reading:
+            held_und = stack.enter_context(
+                sink_from_args(args, "demo/heldout_understanding", out / HELDOUT_UND, mtime=MTIME)
+            )
+            for sample in heldout_samples(args.digits, args.heldout, task="understanding"):
+                held_und.add(sample)
+                kinds["digits"] += 1
+            for sample in reading_samples("heldout", args.heldout_reading, *reading):
+                held_und.add(sample)
+                kinds["reading"] += 1
     manifest = combine({task: sink.manifest for task, sink in sinks.items()}, args.prefix)
     if held is not None:  # listed apart: not part of the training totals
         manifest["heldout"] = {"manifest": f"{HELDOUT}/{MANIFEST}", "samples": held.manifest["samples"]}
+    if held_und is not None:
+        manifest[HELDOUT_UND] = {
+            "manifest": f"{HELDOUT_UND}/{MANIFEST}",
+            "samples": held_und.manifest["samples"],
+            **{kind: kinds[kind] for kind in ("digits", "reading")},
+        }
+    if args.judge:
+        manifest["judge"] = build_judge(out, args.digits, args.heldout)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -29,7 +29,8 @@ def test_three_task_folders(built):
         assert len(manifest["shards"]) > 1  # --maxcount 50 by default
         counts[task] = len(samples)
     photos = len(demo.PHOTOS)
-    assert counts == {"understanding": 3 * photos + 2 * 300, "generation": photos + 300, "text": 200}
+    und = 3 * photos + 2 * 300 + 300  # + 300 reading questions
+    assert counts == {"understanding": und, "generation": photos + 300, "text": 200}
     top = json.loads((out / "manifest.json").read_text())
     assert top["tasks"] == counts and top["samples"] == sum(counts.values()) and top["skipped"] == {}
     assert top["folders"] == {t: f"{t}/manifest.json" for t in demo.TASK_FOLDERS}
@@ -61,7 +62,7 @@ def test_real_images(built):
 def test_deterministic(built):
     first, second = (json.loads((out / "manifest.json").read_text()) for out in built)
     assert [s["sha256"] for s in first["shards"]] == [s["sha256"] for s in second["shards"]]
-    assert len(first["shards"]) == 25
+    assert len(first["shards"]) == 31
 
 
 def test_no_overwrite(built):
@@ -99,3 +100,82 @@ def test_cli_prints_a_summary(tmp_path, capsys):
         and "bad_json 1" in out
         and str(tmp_path / "out" / "manifest.json") in out
     )
+
+
+def test_reading_task_and_heldout_understanding(built):
+    out = built[0]
+    _, und = check_output(out / "understanding")
+    reading = [s for s in und if s.id.startswith("reading-train-")]
+    assert len(reading) == 300
+    top = json.loads((out / "manifest.json").read_text())
+    held_manifest, held = check_output(out / demo.HELDOUT_UND)
+    assert set(held_manifest["tasks"]) == {"understanding"}
+    assert top[demo.HELDOUT_UND] == {"manifest": f"{demo.HELDOUT_UND}/manifest.json", "samples": 90,
+                                     "digits": 40, "reading": 50}  # fmt: skip
+    digits = [s for s in held if s.id.startswith("digit-")]
+    numbers = [s for s in held if s.id.startswith("reading-heldout-")]
+    assert len(digits) == 40 and len(numbers) == 50
+    assert {s.id.removesuffix("-qa") for s in digits} == {
+        s.id for s in check_output(out / demo.HELDOUT)[1]
+    }  # the same held-out digits as the generation ones
+    assert not {s.id for s in held} & {s.id for s in und}
+    for s in digits:
+        assert s.messages[0]["content"] == "<image>\nWhat digit is this?"
+        assert s.messages[1]["content"] == f"It is the digit {s.meta['label']}."
+    counts = set()
+    for s in reading + numbers:
+        number = s.meta["number"]
+        assert s.messages[0]["content"] == "<image>\nWhat number is written?"
+        assert s.messages[1]["content"] == f"It is the number {number}."
+        assert 2 <= len(number) <= 4 and number[0] != "0"
+        counts.add(len(number))
+        img, _ = decode_image(s.images[0])
+        assert img.size == (64, 64) and np.asarray(img).max() >= 200  # white ink on black
+    assert counts == {2, 3, 4}
+    sizes = {s.meta["font_size"] for s in reading}
+    assert min(sizes) >= 20 and len(sizes) > 10 and len({s.meta["stroke"] for s in reading}) == 3
+
+
+def test_reading_images_stay_legible_at_32_px(built):
+    """At the model's 32 px the digits stay apart and a template reader reads nearly all numbers."""
+    from cheers_pl.data.images import resize_pad
+    from cheers_pl.eval.number_reader import NumberReader
+
+    _, held = check_output(built[0] / demo.HELDOUT_UND)
+    numbers = [s for s in held if s.id.startswith("reading-")]
+    images = np.stack(
+        [np.asarray(resize_pad(decode_image(s.images[0])[0], 32).convert("L")) for s in numbers]
+    )
+    reader = NumberReader()
+    read = reader.read(images / 255.0)
+    assert [len(r) for r in read] == [len(s.meta["number"]) for s in numbers]  # segmentation exact
+    exact = np.mean([r == s.meta["number"] for r, s in zip(read, numbers, strict=True)])
+    assert exact >= 0.85
+
+
+def test_judge_is_built_with_the_data(built):
+    from cheers_pl.eval.judge import DigitJudge
+
+    top = json.loads((built[0] / "manifest.json").read_text())
+    entry = top["judge"]
+    assert entry["file"] == demo.JUDGE and entry["train_count"] == 300 and entry["heldout_count"] == 40
+    assert entry["heldout_accuracy"] >= 0.95 and min(entry["heldout_accuracy_by_size"].values()) >= 0.95
+    judges = [DigitJudge.load(out / demo.JUDGE) for out in built]
+    assert np.array_equal(judges[0].support_vectors, judges[1].support_vectors)  # deterministic
+    assert np.array_equal(judges[0].dual_coef, judges[1].dual_coef)
+
+
+def test_reading_options(tmp_path):
+    out = tmp_path / "d"
+    args = ["demo", "--out", str(out), "--digits", "20", "--texts", "2", "--heldout", "5"]
+    args += ["--reading", "7", "--heldout-reading", "3", "--reading-min-digits", "3"]
+    args += ["--reading-max-digits", "3", "--no-judge"]
+    assert cli.main(args) == 0
+    top = json.loads((out / "manifest.json").read_text())
+    assert "judge" not in top and top[demo.HELDOUT_UND]["samples"] == 8
+    _, held = check_output(out / demo.HELDOUT_UND)
+    assert {len(s.meta["number"]) for s in held if "number" in s.meta} == {3}
+    with pytest.raises(ValueError, match="--reading-max-digits 5"):
+        cli.main([*args[:3], "--reading-max-digits", "5", "--overwrite"])
+    assert cli.main([*args[:3], "--digits", "3", "--overwrite"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["judge"]["file"] is None  # digits lack classes
