@@ -30,6 +30,7 @@ from cheers_pl.components.llm import IGNORE, image_span_ids, mixed_attention_mas
 from cheers_pl.components.pixel_decoder import PixelDecoder
 from cheers_pl.components.processor import CheersProcessor
 from cheers_pl.components.semantic_encoder import SemanticEncoder
+from cheers_pl.dummy_image import add_dummy_images, released_fm_positions
 from cheers_pl.spec import CheersSpec, ResolvedSpec
 
 
@@ -47,6 +48,9 @@ class CheersOutput:
     t: Tensor | None = None
     text_loss_rows: Tensor | None = None  # (B,) summed token losses per sample, detached
     text_count_rows: Tensor | None = None  # (B,) supervised tokens per sample
+    v: Tensor | None = None  # (M, C, S, S) the velocity of each regressed image, detached
+    target: Tensor | None = None  # (M, C, S, S) its regression target, detached
+    logits: Tensor | None = None  # (B, L, V) with ``forward(..., return_logits=True)``
 
 
 @dataclass
@@ -155,52 +159,83 @@ class CheersModel(nn.Module):
         return self.processor.batch_index(batch["input_ids"], batch["attention_mask"], batch["labels"])
 
     # -- training ----------------------------------------------------------------------------
-    def forward(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> CheersOutput:
+    def forward(
+        self, batch: dict[str, Tensor], generator: torch.Generator | None = None, return_logits: bool = False
+    ) -> CheersOutput:
         """Losses of a mixed batch (see the module docstring for the batch format).
 
-        With the loader's gather indices in the batch (``CheersProcessor.batch_index``) nothing
-        here reads a device value on the host: every size is known from tensor shapes.
+        Optional batch keys give what is otherwise drawn from ``generator``: ``z0`` (N,C,S,S) the
+        noise and ``t`` (N,) the flow time of each image (an understanding image's t is 1 unless
+        given), and, under ``dummy_image="released"``, ``dummy_z0`` (D,C,S,S) the noise of the D
+        dummy images (:mod:`cheers_pl.dummy_image`). ``return_logits`` also returns the logits
+        of every position (B, L, V). With the loader's gather indices in the batch
+        (``CheersProcessor.batch_index``) and no dummy image, nothing here reads a device value on
+        the host: every size is known from tensor shapes.
         """
+        dummies = None
+        if self.spec.resolved_dummy_image == "released":
+            batch = add_dummy_images(batch, self.processor, self.image_size)
+            dummies = batch["dummy_images"]
         input_ids, valid, labels = batch["input_ids"], batch["attention_mask"].bool(), batch["labels"]
         images = batch.get("images")
         n_img = 0 if images is None else images.shape[0]
         index = self.batch_index(batch)
         positions, gen = index["image_positions"], index["gen_images"]
         self.check_placeholders(input_ids, n_img, n_slots=positions.shape[0])
-        n_gen = gen.shape[0]
+        n_gen, n_tok = gen.shape[0], self.tokens_per_image
         tokens = detail = None
         if n_img:
             self.check_images(images)
             is_gen = torch.zeros(n_img, dtype=torch.bool, device=images.device).index_fill(0, gen, True)
             z1 = self.vae.encode(images)
-            z0 = torch.randn(z1.shape, generator=generator, device=z1.device, dtype=z1.dtype)
-            t_gen = flow.sample_t(n_img, generator=generator, device=z1.device)
-            t = torch.where(is_gen, t_gen, torch.ones_like(t_gen))
+            z0 = batch.get("z0")
+            if z0 is None:
+                z0 = torch.randn(z1.shape, generator=generator, device=z1.device, dtype=z1.dtype)
+            t = batch.get("t")
+            if t is None:
+                t_gen = flow.sample_t(n_img, generator=generator, device=z1.device)
+                t = torch.where(is_gen, t_gen, torch.ones_like(t_gen))
+                if dummies is not None:
+                    t = t.index_fill(0, dummies, 0.0)  # the release's dummy: a black image at t = 0
+            z0, t = z0.to(z1), t.to(z1.device, torch.float32)
             tokens, detail = self.visual_tokens(flow.interpolate(z1, z0, t))
         embeds, span = self.place_images(input_ids, tokens, positions)
+        if dummies is not None and dummies.numel():  # a dummy is attended causally, like text
+            slots = positions.view(n_img, n_tok)[dummies].flatten()
+            span = span.flatten().index_fill(0, slots, -1).view_as(span)
         mask = mixed_attention_mask(span, span, valid)
         hidden, _ = self.llm(embeds, mask, positions_from_valid(valid))
         loss_text, n_text, row_sums, row_counts = self.llm.text_loss(
             hidden, labels.masked_fill(~valid, IGNORE), index["text_positions"], index["text_rows"]
         )
 
-        loss_fm, gate = hidden.sum() * 0.0, None
-        over_all = self.spec.resolved_fm_loss_images == "all"
-        if n_gen or (n_img and over_all):
-            # "generation": the paper's loss over generation images; "all": the released code's, over
-            # every image, with target 0 for understanding images (at t = 1)
-            rows = torch.arange(n_img, device=gen.device) if over_all else gen
-            h_img = hidden.flatten(0, 1).index_select(0, positions).view(n_img, self.tokens_per_image, -1)
+        loss_fm, gate, v, target = hidden.sum() * 0.0, None, None, None
+        rule = self.spec.resolved_fm_loss_images
+        if n_gen or (n_img and rule != "generation"):
+            # "generation": the paper's loss over generation images; "all": the released rule
+            # (every image, some at their row's first positions); "every_image": every image at
+            # its own positions. Understanding images (t = 1) have target 0.
+            rows = gen if rule == "generation" else torch.arange(n_img, device=gen.device)
+            at = positions
+            if rule == "all":
+                at = released_fm_positions(input_ids, valid, positions, gen, n_tok)
+            h_img = hidden.flatten(0, 1).index_select(0, at).view(n_img, n_tok, -1)
             v, gate_all = self.cfm_head(h_img[rows], t[rows], detail[rows])
-            target = torch.where(is_gen.view(-1, 1, 1, 1), flow.velocity_target(z1, z0), torch.zeros_like(z1))
-            loss_fm = F.mse_loss(v.float(), target[rows].float())
+            moving = (t < 1) if rule == "all" else is_gen  # the release masks its target by t < 1
+            target = torch.where(moving.view(-1, 1, 1, 1), flow.velocity_target(z1, z0), torch.zeros_like(z1))
+            target = target[rows]
+            loss_fm = F.mse_loss(v.float(), target.float())
             if gate_all is not None and n_gen:
-                gate = gate_all[gen] if over_all else gate_all
+                gate = gate_all[gen] if rule != "generation" else gate_all
+            v, target = v.detach(), target.detach()
         loss = loss_text + self.spec.fm_weight * loss_fm
         t_out = t if n_img else None
-        return CheersOutput(
-            loss, loss_text, loss_fm, n_text, n_gen, n_img - n_gen, gate, t_out, row_sums, row_counts
-        )
+        n_und = n_img - n_gen - (0 if dummies is None else dummies.numel())
+        out = CheersOutput(loss, loss_text, loss_fm, n_text, n_gen, n_und, gate, t_out, row_sums, row_counts)
+        out.v, out.target = v, target
+        if return_logits:
+            out.logits = self.llm.logits(hidden)
+        return out
 
     # -- generation ---------------------------------------------------------------------------
     def _prompt_rows(self, prompts: list[str], cfg: bool) -> dict[str, Tensor]:

@@ -19,7 +19,8 @@ HFI_MODES = ("gated", "none")
 PIXEL_RECONSTRUCT_MODES = ("decode", "latent")
 COMPAT_MODES = ("kit", "released")
 STAGE_B_ROPE_MODES = ("released", "sequential")
-FM_LOSS_IMAGES = ("generation", "all")
+FM_LOSS_IMAGES = ("generation", "all", "every_image")
+DUMMY_IMAGE_MODES = ("none", "released")
 COMPONENT_FIELDS = ("vae", "semantic_encoder", "llm", "projector", "cfm_head", "tokenizer")
 
 
@@ -130,8 +131,17 @@ class CheersSpec:
         pixel_reconstruct: "decode" (z_t -> D -> SigLIP, the paper) or "latent" (TUNA-style ablation).
         compat: "kit" (clean defaults) or "released" (the authors' released behaviours, DESIGN s.8).
         stage_b_rope: stage-B RoPE layout; None follows ``compat`` ("released" repeats 0..T/2-1 twice).
-        fm_loss_images: which images L_FM averages over: "generation" (the paper) or "all" (the
-            released code: every image, understanding ones with target 0); None follows ``compat``.
+        fm_loss_images: which positions L_FM regresses, averaged: "generation" (the paper: each
+            generation image's own positions); "all" (the released rule: every image, in reading
+            order, a generation image at its own positions, the one image of a row without a
+            generation image at that row's FIRST T positions, target 0 at t = 1 and z1 - z0 below);
+            "every_image" (every image at its own positions, understanding ones with target 0);
+            None follows ``compat``.
+        dummy_image: "released" prepends one image's projected tokens, causally attended and
+            unsupervised, to every row without an image: in training a black image at t = 0
+            (which also enters L_FM under "all"), in text-to-image sampling to the conditional and
+            the null prefix (given, or uniform noise, encoded clean); "none" (the kit). None
+            follows ``compat``.
         fm_weight: lambda in L = L_AR + lambda * L_FM.
         cfg_dropout: probability that a generation sample's prompt becomes ``<no_mean>`` in training.
         system_prompt: the chat template's system turn.
@@ -149,6 +159,7 @@ class CheersSpec:
     compat: str = "kit"
     stage_b_rope: str | None = None
     fm_loss_images: str | None = None
+    dummy_image: str | None = None
     fm_weight: float = 1.0
     cfg_dropout: float = 0.2
     system_prompt: str = "You are a helpful assistant."
@@ -162,6 +173,8 @@ class CheersSpec:
             _choice("stage_b_rope", self.stage_b_rope, STAGE_B_ROPE_MODES)
         if self.fm_loss_images is not None:
             _choice("fm_loss_images", self.fm_loss_images, FM_LOSS_IMAGES)
+        if self.dummy_image is not None:
+            _choice("dummy_image", self.dummy_image, DUMMY_IMAGE_MODES)
         if not 0.0 <= self.cfg_dropout <= 1.0:
             raise ValueError(f"spec.cfg_dropout={self.cfg_dropout} must be in [0, 1]")
         if self.fm_weight < 0:
@@ -176,6 +189,12 @@ class CheersSpec:
         if self.fm_loss_images is not None:
             return self.fm_loss_images
         return "all" if self.compat == "released" else "generation"
+
+    @property
+    def resolved_dummy_image(self) -> str:
+        if self.dummy_image is not None:
+            return self.dummy_image
+        return "released" if self.compat == "released" else "none"
 
     @property
     def resolved_stage_b_rope(self) -> str:

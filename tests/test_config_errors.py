@@ -182,7 +182,7 @@ def test_wrong_types_of_values_the_parser_cannot_check(tmp_path, overlay, expect
         ),
         (
             spec(fm_loss_images="some"),
-            "spec.fm_loss_images='some' is not valid; choose one of ['generation', 'all']",
+            "spec.fm_loss_images='some' is not valid; choose one of ['generation', 'all', 'every_image']",
         ),
         (model(schedule="linear"), "schedule='linear'; valid choices are ['constant', 'cosine']"),
         (

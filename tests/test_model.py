@@ -164,11 +164,11 @@ def test_paper_model_assembles_on_meta_with_the_published_sizes():
     assert frozen == {"vae", "semantic_encoder"}  # the VAE, and SigLIP's unused pooling head
 
 
-def test_fm_loss_over_all_images_adds_understanding_images_with_target_zero(batch):
+def test_fm_loss_over_every_image_adds_understanding_images_with_target_zero(batch):
     torch.manual_seed(0)
     paper = CheersModel(CheersSpec.tiny())
     randomize_zero_inits(paper)
-    released = CheersModel(CheersSpec.tiny(fm_loss_images="all"))
+    released = CheersModel(CheersSpec.tiny(fm_loss_images="every_image"))
     released.load_state_dict(paper.state_dict())
     assert CheersSpec.tiny(compat="released").resolved_fm_loss_images == "all"
     a = paper(batch, generator=torch.Generator().manual_seed(0))
