@@ -23,6 +23,7 @@ COMMANDS = {  # name: (target, help)
     "edit": ("cheers_pl.inference:main_edit", "zero-shot image editing (paper appendix B)"),
     "export": ("cheers_pl.io.export:main", "a checkpoint as a Hugging-Face-style folder"),
     "convert": ("cheers_pl.io.released:main", "the authors' released checkpoint into the kit"),
+    "eval": ("cheers_pl.eval.demo_eval:main_eval", "in-kit evaluations: cheers eval demo --model CKPT"),
     "geneval": ("cheers_pl.eval.geneval:main", "GenEval image folder for its scorer"),
     "dpg": ("cheers_pl.eval.dpg:main", "DPG-Bench image folder for its scorer"),
     "flavors": ("cheers_pl.info:main_flavors", "list component kinds and their flavors"),

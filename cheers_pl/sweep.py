@@ -74,21 +74,13 @@ def last_scalars(root: Path) -> dict[str, float]:
     return {tag: acc.Scalars(tag)[-1].value for tag in SCALARS if tag in tags}
 
 
-@torch.no_grad()
 def heldout_fm_loss(model, shards: str, batches: int = 4, batch_size: int = 8, seed: int = 0) -> float:
-    """Mean flow-matching loss on generation shards with fixed noise and t (the same for every run)."""
-    from cheers_pl.data.datamodule import CheersDataModule
+    """Mean flow-matching loss of the first ``batches * batch_size`` generation samples of ``shards``,
+    with fixed noise and t (the same for every run): :func:`cheers_pl.eval.heldout.mean_losses`."""
+    from cheers_pl.eval.heldout import mean_losses, read_samples
 
-    dm = CheersDataModule(
-        {"generation": {"shards": [shards]}}, batch_size=batch_size, shuffle_buffer=0, seed=seed
-    )
-    dm.attach(model.processor, model.image_size).setup()
-    it = iter(dm.train_dataloader())
-    losses = [
-        float(model(next(it), generator=torch.Generator().manual_seed(seed + i)).loss_fm)
-        for i in range(batches)
-    ]
-    return sum(losses) / len(losses)
+    samples = read_samples(shards, task="generation", limit=batches * batch_size)
+    return mean_losses(model, samples, batch_size, seed).loss_fm
 
 
 def clip_column(model, clip: str | None) -> float | str:
