@@ -18,9 +18,16 @@ the rest finish; the exit code is then 1 (2 for a usage or model error).
 
 Zero-shot editing (paper appendix B, DESIGN section 4): the source image, centre-cropped as for
 generation, is encoded to z_src and sampling starts at t = t0 = 0.1 from
-z = t0 z_src + (1 - t0) z0, running round((1 - t0) N) Euler steps: the N-step shifted grid
-compressed onto [t0, 1], t_i = t0 + (1 - t0) t'_i. The same source is also an understanding image
-(t = 1) of the prompt, whose user turn is ``"<image>\\n" + instruction``; the CFG null row keeps
+z = t0 z_src + (1 - t0) z0. Two step grids (``schedule``; None follows ``spec.compat``):
+
+    "kit"       n = round((1 - t0) N) steps, the n-step shifted grid compressed onto [t0, 1]:
+                t_i = t0 + (1 - t0) shift(i / (n - 1)), dt scaled by (1 - t0); starts at t0, where z is;
+    "released"  the release's: n = int((1 - t0) N), t_i = shift(linspace(t0, 1, n))_i, last dt 1/n,
+                which evaluates the first step at shift(t0) (0.053 at a = 0.5), not at t0.
+
+The kit keeps its own grid by default because its first time is the one the state z sits at on the
+path; the released grid reproduces the authors' outputs. The same source is also an understanding
+image (t = 1) of the prompt, whose user turn is ``"<image>\\n" + instruction``; the CFG null row keeps
 that image span (:meth:`CheersProcessor.null_like`), so guidance is on the instruction only.
 """
 
@@ -47,23 +54,35 @@ from cheers_pl.components.llm import image_span_ids, mixed_attention_mask, posit
 from cheers_pl.components.tokenizer import IMAGE, IMAGE_GEN
 
 EDIT_T0 = 0.1  # paper appendix B: start at t = 0.1
+EDIT_SCHEDULES = ("kit", "released")
 
 
 # -- zero-shot editing ---------------------------------------------------------------------------
-def edit_schedule(steps: int, shift: float = 0.5, t0: float = EDIT_T0, last_dt: str = "released"):
-    """(t (n,), dt (n,)) float64 of an edit: n = round((1 - t0) steps) steps from t0 to 1.
+def edit_schedule(
+    steps: int, shift: float = 0.5, t0: float = EDIT_T0, last_dt: str = "released", schedule: str = "kit"
+):
+    """(t (n,), dt (n,)) float64 of an edit from t0 to 1; ``schedule`` "kit" or "released" (module doc).
 
-    The n-step shifted grid of :func:`flow.sampling_schedule` mapped onto [t0, 1].
+    "kit": the n = round((1 - t0) steps)-step grid of :func:`flow.sampling_schedule` mapped onto
+    [t0, 1]. "released": n = int((1 - t0) steps), t = shift(linspace(t0, 1, n)), Euler dt = the
+    differences, the last 1/n (``last_dt`` must be "released").
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0.0 <= t0 < 1.0:
         raise ValueError(f"edit start t0={t0} must be in [0, 1)")
-    n = round((1 - t0) * steps)
+    if schedule not in EDIT_SCHEDULES:
+        raise ValueError(f"edit schedule={schedule!r}; valid choices are {list(EDIT_SCHEDULES)}")
+    n = round((1 - t0) * steps) if schedule == "kit" else int(steps * (1 - t0))
     if n < 1:
-        raise ValueError(f"steps={steps} with t0={t0} leaves round({(1 - t0) * steps:g}) = 0 edit steps")
-    t, dt = flow.sampling_schedule(n, shift, last_dt)
-    return t0 + (1 - t0) * t, (1 - t0) * dt
+        raise ValueError(f"steps={steps} with t0={t0} leaves {(1 - t0) * steps:g} -> 0 edit steps")
+    if schedule == "kit":
+        t, dt = flow.sampling_schedule(n, shift, last_dt)
+        return t0 + (1 - t0) * t, (1 - t0) * dt
+    if last_dt != "released":
+        raise ValueError("the released edit schedule ends with dt = 1/n (last_dt='released')")
+    t = flow.time_shift(torch.linspace(t0, 1, n, dtype=torch.float32), shift).double()
+    return t, torch.cat([t[1:] - t[:-1], torch.tensor([1.0 / n], dtype=torch.float64)])
 
 
 def edit_rows(model, instructions: list[str], cfg: bool) -> dict[str, Tensor]:
@@ -97,9 +116,16 @@ def edit(
     last_dt: str = "released",
     use_cache: bool = True,
     generator: torch.Generator | None = None,
-) -> Tensor:
+    noise: Tensor | None = None,
+    schedule: str | None = None,
+    return_latents: bool = False,
+):
     """Zero-shot editing (see the module docstring): images (B,3,H,W) in [0,1] -> edited (B,3,H,W).
 
+    ``noise`` (B, C, S, S): the z0 mixed into the source's latents (default: drawn from
+    ``generator`` / ``seed``). ``schedule``: "kit" or "released" (None: "released" under
+    ``spec.compat == "released"``, else "kit"). ``return_latents``: return a
+    :class:`~cheers_pl.model.GenerationOutput` (images, final latents, t grid) instead of the images.
     The text prefix and the source image's span never attend to the generated span, so their KV
     cache is computed once and only the T generated positions run at each step (``use_cache=False``
     recomputes the whole sequence, the reference). D, SigLIP and the projector run once per step
@@ -109,7 +135,8 @@ def edit(
     b = images.shape[0]
     if len(instructions) != b:
         raise ValueError(f"edit: {b} images but {len(instructions)} instructions")
-    t_grid, dt = edit_schedule(steps, shift, strength_t0, last_dt)
+    schedule = schedule or ("released" if model.spec.compat == "released" else "kit")
+    t_grid, dt = edit_schedule(steps, shift, strength_t0, last_dt, schedule)
     device, n_tok = model.placeholder_ids.device, model.tokens_per_image
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -120,8 +147,11 @@ def edit(
     model.check_placeholders(ids, 2 * r)
 
     z_src = model.vae.encode(images.to(device))
-    noise = torch.randn(z_src.shape, generator=generator, device=device, dtype=z_src.dtype)
-    z = flow.interpolate(z_src, noise, torch.full((b,), strength_t0, device=device))
+    if noise is None:
+        noise = torch.randn(z_src.shape, generator=generator, device=device, dtype=z_src.dtype)
+    elif noise.shape != z_src.shape:
+        raise ValueError(f"edit: noise must be {tuple(z_src.shape)} (B, C, S, S), got {tuple(noise.shape)}")
+    z = flow.interpolate(z_src, noise.to(z_src), torch.full((b,), strength_t0, device=device))
     reps = 2 if use_cfg else 1
     src_tokens = model.visual_tokens(z_src)[0].repeat(reps, 1, 1)  # understanding image, t = 1
     span, pos = image_span_ids(ids, model.placeholder_ids, n_tok), positions_from_valid(valid)
@@ -146,7 +176,12 @@ def edit(
         return flow.cfg_combine(v[:b], v[b:], cfg_scale) if use_cfg else v
 
     z = flow.euler_sample(velocity, z, t_grid.to(device), dt)
-    return model.vae.decode(z).clamp(0, 1).float()
+    edited = model.vae.decode(z).clamp(0, 1).float()
+    if return_latents:
+        from cheers_pl.model import GenerationOutput
+
+        return GenerationOutput(edited, z, None, t_grid.float())
+    return edited
 
 
 # -- items, images, outputs ----------------------------------------------------------------------
@@ -465,14 +500,22 @@ def main_edit(argv: list[str] | None = None) -> int:
     parser.add_argument("--instruction", help="what to change")
     _sampling_args(parser)
     parser.add_argument("--t0", type=float, default=EDIT_T0, help="start time (0.1: round(0.9 N) steps)")
+    parser.add_argument(
+        "--schedule", choices=EDIT_SCHEDULES, default=None, help="step grid (default: the model's compat)"
+    )
     args = parser.parse_args(argv)
     _check_sampling(parser, args)
     try:
-        n_run = len(edit_schedule(args.steps, args.shift, args.t0, args.last_dt)[0])
+        edit_schedule(args.steps, args.shift, args.t0, args.last_dt, args.schedule or "kit")
     except ValueError as err:
         parser.error(str(err))
     items = _items(parser, args, {"image": args.image, "instruction": args.instruction})
     model = _load(parser, args)
+    args.schedule = args.schedule or ("released" if model.spec.compat == "released" else "kit")
+    try:
+        n_run = len(edit_schedule(args.steps, args.shift, args.t0, args.last_dt, args.schedule)[0])
+    except ValueError as err:
+        parser.error(str(err))
     out = _prepare_out(args)
     root = Path(args.jsonl).parent if args.jsonl else Path(".")
 
@@ -481,14 +524,23 @@ def main_edit(argv: list[str] | None = None) -> int:
         pixels = load_image(root / image, model.image_size, "crop")
         seed = args.seed + item.index
         result = edit(
-            model, pixels, [instruction], args.steps, args.cfg_scale, args.shift, seed, args.t0, args.last_dt
+            model,
+            pixels,
+            [instruction],
+            args.steps,
+            args.cfg_scale,
+            args.shift,
+            seed,
+            args.t0,
+            args.last_dt,
+            schedule=args.schedule,
         )
         name = f"{item.index:05d}.png"
         save_png(result[0], out / name)
         return {"index": item.index, "image": image, "instruction": instruction, "seed": seed, "file": name}
 
     done, failures = run_items(items, work, out, "edit")
-    names = "cfg_scale steps t0 shift last_dt seed device"
+    names = "cfg_scale steps t0 shift last_dt schedule seed device"
     extra = {"steps_run": n_run, "size": model.image_size, "preprocess": "resize_crop"}
     settings = _settings(args, names, **extra, failures=len(failures))
     write_card(out, "edit", argv, args.model, settings, done)

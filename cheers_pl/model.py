@@ -63,6 +63,14 @@ class GenerationOutput:
     t: Tensor | None = None
 
 
+@dataclass
+class AnswerOutput:
+    """``texts``: one answer per question; ``ids``: its generated token ids (L_i,), stop token excluded."""
+
+    texts: list[str]
+    ids: list[Tensor]
+
+
 def build_processor(spec: CheersSpec, resolved: ResolvedSpec | None = None) -> CheersProcessor:
     """The spec's tokenizer and processor alone (cheap: no model weights); checks the vocabulary fits."""
     resolved = resolved or spec.resolve()
@@ -265,8 +273,16 @@ class CheersModel(nn.Module):
         generator: torch.Generator | None = None,
         gates_dir: str | None = None,
         cfg_interval: tuple[float, float] | None = None,
+        noise: Tensor | None = None,
+        dummy_images: Tensor | None = None,
     ) -> GenerationOutput:
         """Text-to-image with Euler sampling and CFG (v = v_u + s (v_c - v_u); no CFG when s == 1).
+
+        ``noise`` (B, C, S, S): the initial z (default: drawn from ``generator`` / ``seed``); the
+        result's ``latents`` are the final z before the VAE decode. Under
+        ``spec.dummy_image == "released"`` both prefixes (conditional and null) start with a dummy
+        image's tokens, encoded clean and attended causally: ``dummy_images`` (B, 3, H, W) in
+        [0, 1], or uniform 8-bit noise drawn after the initial z (the released processor's dummy).
 
         The text prefix does not attend to the image, so its KV cache is computed once and reused at
         every step without a copy (a static cache: each step overwrites the image slots in place,
@@ -289,9 +305,10 @@ class CheersModel(nn.Module):
         b, use_cfg = len(prompts), cfg_scale != 1.0
         rows = {k: v.to(device) for k, v in self._prompt_rows(prompts, use_cfg).items()}
         ids, valid = rows["input_ids"], rows["attention_mask"]
-        r, lp, n_tok = ids.shape[0], ids.shape[1], self.tokens_per_image
-        prefix_embeds = self.llm.embed(ids)
-        text_span = torch.full_like(ids, -1)
+        z = self._initial_noise(noise, b, generator)
+        prefix_embeds, valid = self._t2i_prefix(ids, valid, b, dummy_images, generator)
+        r, lp, n_tok = ids.shape[0], prefix_embeds.shape[1], self.tokens_per_image
+        text_span = torch.full(valid.shape, -1, dtype=ids.dtype, device=device)
         img_span = torch.zeros(r, n_tok, dtype=ids.dtype, device=device)
         k_span, k_valid = (
             torch.cat([text_span, img_span], 1),
@@ -305,8 +322,6 @@ class CheersModel(nn.Module):
             full_mask = mixed_attention_mask(k_span, k_span, k_valid)
             full_pos = torch.cat([positions_from_valid(valid), img_pos], 1)
 
-        shape = (b, self.latent_channels, self.latent_side, self.latent_side)
-        z = torch.randn(shape, generator=generator, device=device)
         gates: list[Tensor] = []
 
         cond_cache: list = []  # the conditional rows' own prefix cache, for steps outside cfg_interval
@@ -354,6 +369,80 @@ class CheersModel(nn.Module):
             save_gate_maps(gate_stack, gates_dir)
         return GenerationOutput(images.float(), z, gate_stack, t_grid.float())
 
+    def _initial_noise(self, noise: Tensor | None, b: int, generator: torch.Generator | None) -> Tensor:
+        """The sampler's initial z (B, C, S, S): ``noise`` checked, or drawn from ``generator``."""
+        shape = (b, self.latent_channels, self.latent_side, self.latent_side)
+        device = self.placeholder_ids.device
+        if noise is None:
+            return torch.randn(shape, generator=generator, device=device)
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise must be {shape} (B, C, S, S), got {tuple(noise.shape)}")
+        return noise.to(device, torch.float32)
+
+    def _t2i_prefix(
+        self, ids: Tensor, valid: Tensor, b: int, dummy_images: Tensor | None, generator
+    ) -> tuple[Tensor, Tensor]:
+        """Prefix embeddings (R, Lp', H) and validity (R, Lp') of the text-to-image rows (R = b or 2b).
+
+        Under ``dummy_image="released"`` each row starts with its dummy image's T tokens (the same
+        one for a prompt's conditional and null row), encoded clean (t = 1)."""
+        embeds = self.llm.embed(ids)
+        if self.spec.resolved_dummy_image != "released":
+            if dummy_images is not None:
+                raise ValueError("dummy_images given but spec.dummy_image is 'none' (compat kit)")
+            return embeds, valid
+        if dummy_images is None:
+            size = (b, 3, self.image_size, self.image_size)
+            dummy_images = torch.randint(0, 256, size, generator=generator, device=ids.device) / 255.0
+        self.check_images(dummy_images)
+        if dummy_images.shape[0] != b:
+            raise ValueError(f"dummy_images: {dummy_images.shape[0]} images for {b} prompts")
+        tokens, _ = self.visual_tokens(self.vae.encode(dummy_images.to(ids.device)))
+        tokens = tokens.to(embeds.dtype).repeat(ids.shape[0] // b, 1, 1)
+        ones = torch.ones(tokens.shape[:2], dtype=valid.dtype, device=valid.device)
+        return torch.cat([tokens, embeds], 1), torch.cat([ones, valid], 1)
+
+    @torch.no_grad()
+    def velocity(
+        self,
+        prompts: list[str],
+        z_t: Tensor,
+        t: Tensor | float,
+        cfg_scale: float = 1.0,
+        dummy_images: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The sampler's velocity at one state: z_t (B, C, S, S) at t (B,) or a float -> v (B, C, S, S).
+
+        What one step of :meth:`generate` computes (CFG when ``cfg_scale != 1``, the dummy image
+        under ``dummy_image="released"``), over the whole sequence without a cache."""
+        b, use_cfg = len(prompts), cfg_scale != 1.0
+        device, n_tok = self.placeholder_ids.device, self.tokens_per_image
+        if (
+            tuple(z_t.shape[1:]) != (self.latent_channels, self.latent_side, self.latent_side)
+            or z_t.shape[0] != b
+        ):
+            raise ValueError(
+                f"z_t must be ({b}, {self.latent_channels}, {self.latent_side}, {self.latent_side}), "
+                f"got {tuple(z_t.shape)}"
+            )
+        rows = {k: v.to(device) for k, v in self._prompt_rows(prompts, use_cfg).items()}
+        prefix, valid = self._t2i_prefix(
+            rows["input_ids"], rows["attention_mask"], b, dummy_images, generator
+        )
+        r = prefix.shape[0]
+        tokens, detail = self.visual_tokens(z_t.to(device))
+        tokens, detail = tokens.to(prefix.dtype).repeat(r // b, 1, 1), detail.repeat(r // b, 1, 1)
+        span = torch.cat(
+            [torch.full(valid.shape, -1, device=device), torch.zeros(r, n_tok, device=device)], 1
+        )
+        k_valid = torch.cat([valid, torch.ones(r, n_tok, dtype=torch.bool, device=device)], 1)
+        mask = mixed_attention_mask(span.long(), span.long(), k_valid)
+        hidden, _ = self.llm(torch.cat([prefix, tokens], 1), mask, positions_from_valid(k_valid))
+        t = torch.as_tensor(t, dtype=torch.float32, device=device).expand(b).repeat(r // b)
+        v, _ = self.cfm_head(hidden[:, -n_tok:], t, detail)
+        return flow.cfg_combine(v[:b], v[b:], cfg_scale) if use_cfg else v
+
     # -- understanding ------------------------------------------------------------------------
     @torch.no_grad()
     def answer(
@@ -366,11 +455,13 @@ class CheersModel(nn.Module):
         top_k: int = 20,
         top_p: float = 0.8,
         generator: torch.Generator | None = None,
-    ) -> list[str]:
+        return_ids: bool = False,
+    ) -> list[str] | AnswerOutput:
         """Answer one question per image; images (B,3,H,W) in [0,1] at the model's image size.
 
         Greedy by default (the released understanding evaluation); sampling uses temperature,
-        top-k and top-p. Decoding uses the KV cache; each row stops at ``<|im_end|>``.
+        top-k and top-p. Decoding uses the KV cache; each row stops at ``<|im_end|>``. Returns the
+        texts, or with ``return_ids`` an :class:`AnswerOutput` holding the texts and the token ids.
         """
         self.check_images(images)
         if len(questions) != images.shape[0]:
@@ -402,7 +493,9 @@ class CheersModel(nn.Module):
             mask = valid[:, None, None, :]
             hidden, cache = self.llm(self.llm.embed(nxt[:, None]), mask, pos, cache, True)
         gen = torch.stack(out, 1) if out else ids.new_zeros(ids.shape[0], 0)
-        return [p.decode(_until(row, stop)) for row in gen]
+        rows = [_until(row, stop) for row in gen]
+        texts = [p.decode(row) for row in rows]
+        return AnswerOutput(texts, [row.cpu() for row in rows]) if return_ids else texts
 
 
 @torch.no_grad()
