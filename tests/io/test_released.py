@@ -254,3 +254,18 @@ def test_component_releases_convert(tmp_path):
     cfg_path.write_text(json.dumps({**bad, "num_hidden_layers": 3}))  # a layer the weights lack
     with pytest.raises(ValueError, match="missing.*layers.2"):
         components.convert_components(qwen=tmp_path / "qwen", out=tmp_path / "out2")
+
+
+def test_a_misshapen_bfl_attention_weight_names_the_tensor_and_both_shapes():
+    name = "model.vae_model.encoder.mid.attn_1.q.weight"
+    state = {name: torch.zeros(8, 8, 3, 3)}
+    with pytest.raises(ValueError, match=r"encoder\.mid\.attn_1\.q\.weight.*\(8, 8, 3, 3\).*\(8, 8, 1, 1\)"):
+        released.released_to_kit(state, strict=False)
+
+
+def test_the_two_channel_orders_are_inverse_permutations():
+    from cheers_pl.io.released_names import kit_order, released_order
+
+    n = 4 * 6
+    assert torch.equal(kit_order(n)[released_order(n)], torch.arange(n))
+    assert kit_order(n)[1] == 6  # kit channel c*4 + q = 1 (c 0, q 1) reads released q*D + c = 6
