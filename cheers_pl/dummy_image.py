@@ -37,6 +37,12 @@ def add_dummy_images(batch: dict, processor, image_size: int) -> dict:
     is_image = torch.isin(ids, placeholders) & valid
     empty = ~is_image.any(1)
     images = batch.get("images")
+    slots, given = int(is_image.sum()), 0 if images is None else images.shape[0]
+    if slots != given * processor.tokens_per_image:
+        raise ValueError(
+            f"the batch has {slots} image placeholders ({slots / processor.tokens_per_image:g} images of "
+            f"{processor.tokens_per_image} tokens) but {given} images were given"
+        )
     out = {k: v for k, v in batch.items() if k not in INDEX_KEYS}
     device = ids.device
     if not bool(empty.any()):
