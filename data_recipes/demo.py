@@ -335,19 +335,21 @@ def build_judge(out, digits: int, heldout: int) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo recipe's options."""
-    parser.add_argument("--digits", type=int, default=300, help="how many of the 1797 digits to use")
+    parser.add_argument(
+        "--digits", type=int, default=1000, help="how many of the 1797 digits to train on (the judge too)"
+    )
     parser.add_argument("--texts", type=int, default=200, help="how many text-only chats to write")
     parser.add_argument(
         "--heldout",
         type=int,
-        default=40,
+        default=100,
         help="digits after the training ones, as held-out generation and digit-question samples",
     )
-    parser.add_argument("--reading", type=int, default=300, help="rendered numbers to read, for training")
+    parser.add_argument("--reading", type=int, default=600, help="rendered numbers to read, for training")
     parser.add_argument(
         "--heldout-reading",
         type=int,
-        default=50,
+        default=100,
         help="rendered numbers to read, held out (never trained on)",
     )
     parser.add_argument(

@@ -29,14 +29,14 @@ def test_three_task_folders(built):
         assert len(manifest["shards"]) > 1  # --maxcount 50 by default
         counts[task] = len(samples)
     photos = len(demo.PHOTOS)
-    und = 3 * photos + 2 * 300 + 300  # + 300 reading questions
-    assert counts == {"understanding": und, "generation": photos + 300, "text": 200}
+    und = 3 * photos + 2 * 1000 + 600  # + 600 reading questions
+    assert counts == {"understanding": und, "generation": photos + 1000, "text": 200}
     top = json.loads((out / "manifest.json").read_text())
     assert top["tasks"] == counts and top["samples"] == sum(counts.values()) and top["skipped"] == {}
     assert top["folders"] == {t: f"{t}/manifest.json" for t in demo.TASK_FOLDERS}
     assert verify_manifest(out)["ok"]
     held, held_samples = check_output(out / demo.HELDOUT)
-    assert top["heldout"]["samples"] == len(held_samples) == 40 and set(held["tasks"]) == {"generation"}
+    assert top["heldout"]["samples"] == len(held_samples) == 100 and set(held["tasks"]) == {"generation"}
     train_ids = {s.id for s in check_output(out / "generation")[1]}
     assert not train_ids & {s.id for s in held_samples}  # held-out digits are never trained on
 
@@ -62,7 +62,7 @@ def test_real_images(built):
 def test_deterministic(built):
     first, second = (json.loads((out / "manifest.json").read_text()) for out in built)
     assert [s["sha256"] for s in first["shards"]] == [s["sha256"] for s in second["shards"]]
-    assert len(first["shards"]) == 31
+    assert len(first["shards"]) == 79
 
 
 def test_no_overwrite(built):
@@ -106,15 +106,15 @@ def test_reading_task_and_heldout_understanding(built):
     out = built[0]
     _, und = check_output(out / "understanding")
     reading = [s for s in und if s.id.startswith("reading-train-")]
-    assert len(reading) == 300
+    assert len(reading) == 600
     top = json.loads((out / "manifest.json").read_text())
     held_manifest, held = check_output(out / demo.HELDOUT_UND)
     assert set(held_manifest["tasks"]) == {"understanding"}
-    assert top[demo.HELDOUT_UND] == {"manifest": f"{demo.HELDOUT_UND}/manifest.json", "samples": 90,
-                                     "digits": 40, "reading": 50}  # fmt: skip
+    assert top[demo.HELDOUT_UND] == {"manifest": f"{demo.HELDOUT_UND}/manifest.json", "samples": 200,
+                                     "digits": 100, "reading": 100}  # fmt: skip
     digits = [s for s in held if s.id.startswith("digit-")]
     numbers = [s for s in held if s.id.startswith("reading-heldout-")]
-    assert len(digits) == 40 and len(numbers) == 50
+    assert len(digits) == 100 and len(numbers) == 100
     assert {s.id.removesuffix("-qa") for s in digits} == {
         s.id for s in check_output(out / demo.HELDOUT)[1]
     }  # the same held-out digits as the generation ones
@@ -158,7 +158,7 @@ def test_judge_is_built_with_the_data(built):
 
     top = json.loads((built[0] / "manifest.json").read_text())
     entry = top["judge"]
-    assert entry["file"] == demo.JUDGE and entry["train_count"] == 300 and entry["heldout_count"] == 40
+    assert entry["file"] == demo.JUDGE and entry["train_count"] == 1000 and entry["heldout_count"] == 100
     assert entry["heldout_accuracy"] >= 0.95 and min(entry["heldout_accuracy_by_size"].values()) >= 0.95
     judges = [DigitJudge.load(out / demo.JUDGE) for out in built]
     assert np.array_equal(judges[0].support_vectors, judges[1].support_vectors)  # deterministic
