@@ -12,7 +12,7 @@ THREADS := $(if $(filter tiny,$(PRESET)),CHEERS_NUM_THREADS=1,)
 STAGE_DATA := $(if $(filter tiny,$(PRESET)),data/demo/manifest.json,)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format clean bench bench-gpu bench-data stage1 stage2 stage3 stage4 tb demo sweep
+.PHONY: help setup test lint format clean bench bench-gpu bench-data stage1 stage2 stage3 stage4 tb demo sweep paper-tables
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ demo: setup ## The main job: demo shards, stage I then II tiny on CPU, logs + ch
 
 sweep: setup data/demo/manifest.json ## Ablation sweep: a base stage under overlays, tiny on CPU, results table (ARGS= passed on)
 	CHEERS_NUM_THREADS=1 $(BIN)/cheers sweep $(ARGS)
+
+paper-tables: setup ## Tables 5 and 6 and Figure 5b at tiny size, 3 seeds per row (~1 h on CPU; resumable; ARGS= passed on)
+	CHEERS_NUM_THREADS=1 $(BIN)/cheers paper-tables $(ARGS)
 
 tb: setup ## TensorBoard on the run folder (RUNS=runs)
 	$(BIN)/tensorboard --logdir $(RUNS)

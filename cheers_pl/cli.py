@@ -17,6 +17,7 @@ COMMANDS = {  # name: (target, help)
     **{n: ("cheers_pl.lightning_cli:main", f"LightningCLI {n}: YAML runs") for n in LIGHTNING_SUBCOMMANDS},
     "demo": ("cheers_pl.demo:main", "the demo: stage I then II, tiny, on the bundled data, on CPU"),
     "sweep": ("cheers_pl.sweep:main", "a base stage under ablation overlays, with a results table"),
+    "paper-tables": ("cheers_pl.paper_tables:main", "Tables 5 and 6 and Figure 5b at tiny size, with seeds"),
     "data": ("data_recipes.cli:main", "build WebDataset shards from datasets (recipes)"),
     "generate": ("cheers_pl.inference:main_generate", "text-to-image, with a repro card"),
     "answer": ("cheers_pl.inference:main_answer", "answer questions about images"),
