@@ -49,7 +49,7 @@ class DemoEvalCallback(FixedPromptCallback):
     """
 
     def __init__(self, every_n_steps: int = 200, data: str | None = None, per_digit: int = 2,
-                 cfg_scale: float = 3.0, steps: int = 10, shift: float = 1.0, seed: int = 0,
+                 cfg_scale: float = 9.5, steps: int = 10, shift: float = 1.0, seed: int = 0,
                  max_reading: int | None = 20, max_loss_samples: int | None = 16, batch_size: int = 16,
                  at_start: bool = False, log_hparams: bool = True, save_dir: str | None = None):  # fmt: skip
         super().__init__(every_n_steps, ["-"], cfg_scale, steps, shift, seed, at_start)

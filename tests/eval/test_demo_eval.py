@@ -51,6 +51,7 @@ def test_eval_demo_command_writes_every_field(exported, demo, tmp_path, capsys):
     assert 0.0 <= result["t2i_acc"] <= 1.0 and set(result["t2i_per_digit"]) == {str(d) for d in range(10)}
     assert result["read_digit_count"] == 12 and result["read_number_count"] == 10
     assert 0.0 <= result["read_digit_acc"] <= 1.0 and 0.0 <= result["read_number_acc"] <= 1.0
+    assert result["read_number_acc"] <= result["read_number_char_acc"] <= 1.0
     assert result["fm_heldout"] > 0 and result["text_heldout"] > 0 and result["detail_ratio"] > 0
     assert result["loss_samples"] == {"generation": 12, "understanding": 22}
     assert result["judge"]["heldout_count"] == 12 and result["model"] == str(exported)
@@ -73,6 +74,14 @@ def test_parse_number():
     assert demo_eval.parse_number("It is the number 1234.") == "1234"
     assert demo_eval.parse_number("It is the digit 7.") == "7"
     assert demo_eval.parse_number("no digits here") is None
+
+
+def test_char_accuracy():
+    assert demo_eval.char_accuracy("1234", "1234") == 1.0
+    assert demo_eval.char_accuracy("1273", "1234") == 0.5
+    assert demo_eval.char_accuracy("12", "1234") == 0.5  # over the longer length
+    assert demo_eval.char_accuracy("12345", "1234") == 0.8
+    assert demo_eval.char_accuracy(None, "12") == 0.0
 
 
 def test_identity_shuffle_gives_zero_sensitivity(model, demo):
