@@ -294,7 +294,7 @@ def run_tables(
     data: str = "data/demo",
     seeds: int = 3,
     stage1_steps: int = 200,
-    stage2_steps: int = 2500,
+    stage2_steps: int = 2000,
     per_digit: int = 10,
     curve_steps: int = 20,
     rows: list[str] | None = None,
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="data/demo")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--stage1-steps", type=int, default=200)
-    parser.add_argument("--stage2-steps", type=int, default=2500)
+    parser.add_argument("--stage2-steps", type=int, default=2000)
     parser.add_argument("--per-digit", type=int, default=10, help="T2I images per digit and run")
     parser.add_argument("--curve-steps", type=int, default=20, help="denoising steps of Figure 5b")
     parser.add_argument("--rows", nargs="+", choices=[r.name for r in ROWS], default=None)
