@@ -30,9 +30,9 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 SCALARS = ("train/loss", "train/loss_text", "train/loss_fm", "previews/reconstruction_mse",
            "hfi/gate_mean", "hfi/gate_abs_mean", "hfi/gate_std")  # fmt: skip
 PROMPTS = [
-    "a handwritten digit 0",
-    "a handwritten digit 3",
-    "a handwritten digit 7",
+    "a handwritten digit 0 in white on black",
+    "a handwritten digit 3 in white on black",
+    "a handwritten digit 7 in white on black",
     "a photo of a tabby cat",
 ]
 UNAVAILABLE = "unavailable (no CLIP weights given)"

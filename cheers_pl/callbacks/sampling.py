@@ -23,8 +23,8 @@ from cheers_pl.distributed import full_params
 DEFAULT_PROMPTS = (
     "a photo of a tabby cat",
     "a cup of coffee on a red saucer with a spoon, on a wooden table",
-    "a handwritten digit 3",
-    "a handwritten digit 7",
+    "a handwritten digit 3 in white on black",
+    "a handwritten digit 7 in white on black",
 )
 
 
