@@ -209,7 +209,8 @@ def run_row(
     model = load_any(ckpt).eval()
     result = evaluate(model, data, EvalSettings(per_digit=per_digit, seed=seed))
     result.pop("_images", None)
-    result.update(row=row.name, seed=seed, steps=list(steps), hfi_curve=hfi_curve(model, curve_steps))
+    curve = hfi_curve(model, curve_steps) if row.generation else None  # a head never trained to generate
+    result.update(row=row.name, seed=seed, steps=list(steps), hfi_curve=curve)
     result["train_seconds"] = round(time.perf_counter() - start, 1)
     done.write_text(json.dumps(result, indent=1, default=str) + "\n")
     return result
