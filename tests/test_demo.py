@@ -36,6 +36,21 @@ def test_demo_leaves_logs_previews_checkpoint_and_image(demo):
     assert report["checkpoint"].endswith("stage2/checkpoints/last.ckpt")
 
 
+def test_demo_evaluates_and_logs_the_sensitivities(demo):
+    import json
+
+    import torch
+
+    runs, report = demo
+    result = json.loads((runs / "eval" / "eval.json").read_text())
+    assert report["eval"] == str(runs / "eval" / "eval.md") and result["t2i_images"] == 200
+    assert {"t2i_acc", "read_digit_acc", "prompt_sensitivity", "image_sensitivity"} <= set(result)
+    scalars = set(events(runs / "stage2").Tags()["scalars"])
+    assert {"eval/prompt_sensitivity", "eval/image_sensitivity", "eval/t2i_acc"} <= scalars, scalars
+    ckpt = torch.load(runs / "stage2" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert "current_model_state" in ckpt  # stage II's EMA: the checkpoint's state_dict is the average
+
+
 def test_demo_loss_falls(demo):
     runs, _ = demo
     loss = [e.value for e in events(runs / "stage2").Scalars("train/loss")]
