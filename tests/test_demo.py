@@ -53,7 +53,8 @@ def test_demo_evaluates_and_logs_the_sensitivities(demo):
 
 def test_demo_loss_falls(demo):
     runs, _ = demo
-    loss = [e.value for e in events(runs / "stage2").Scalars("train/loss")]
+    # the text loss: at 24 steps the FM term (weighted 10 in the tiny overlay) is still one batch's t
+    loss = [e.value for e in events(runs / "stage2").Scalars("train/loss_text")]
     assert loss[-1] < loss[0]
 
 

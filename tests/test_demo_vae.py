@@ -18,7 +18,7 @@ FIT_STEPS = 60
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    demo(["--out", str(out), "--digits", "40", "--texts", "5"])
+    demo(["--out", str(out), "--digits", "40", "--texts", "5", "--reading", "0", "--heldout-reading", "0"])
     return [str(out / "understanding"), str(out / "generation"), str(out / "text")]
 
 

@@ -71,10 +71,14 @@ def test_two_ddp_processes_match_one_process(tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     start = torch.load(state_path, weights_only=True)
     assert all(not torch.equal(start[n], state[n]) for n in trainable)  # every trainable weight moved
+    # A key bias shifts every logit of a query equally, so softmax ignores it: its exact gradient is 0
+    # and it gets float noise only, which Adam scales to a full step of either sign.
+    noise_only = {n for n in state if n.endswith("k_proj.bias")}
     for r in range(2):
         assert ranks[r]["state"].keys() == state.keys()
         for name, value in state.items():
-            torch.testing.assert_close(ranks[r]["state"][name], value, rtol=1e-5, atol=1e-5, msg=name)
+            if name not in noise_only:
+                torch.testing.assert_close(ranks[r]["state"][name], value, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_gradient_checkpointing_same_loss_and_gradients(tmp_path):
