@@ -41,10 +41,10 @@ def generators(rank: int, steps: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(1000 * step + rank) for step in range(steps)]
 
 
-def train(model, forward_loss, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+def train(model, forward_loss, steps: int, lr: float = LR) -> tuple[list[float], dict[str, torch.Tensor]]:
     """``steps`` AdamW steps (clipping at 1.0, as the experiment YAMLs) with ``forward_loss(step)``."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses = []
     for step in range(steps):
         loss = forward_loss(step)

@@ -16,6 +16,17 @@ def randomize_zero_inits(module: nn.Module, std: float = 0.02, seed: int = 0) ->
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def tiny_random_model():
+    """A tiny ``CheersModel`` in eval mode, seeded (0), with :func:`randomize_zero_inits` applied."""
+    from cheers_pl.model import CheersModel
+    from cheers_pl.spec import CheersSpec
+
+    torch.manual_seed(0)
+    model = CheersModel(CheersSpec.tiny()).eval()
+    randomize_zero_inits(model)
+    return model
+
+
 def chat_template_ids(tokenizer, messages, add_generation_prompt=False):
     """The real tokenizer's own chat template, tokenized: the reference the processor must equal."""
     return tokenizer.apply_chat_template(

@@ -11,19 +11,14 @@ from cheers_pl import inference as inf
 from cheers_pl.components.tokenizer import IMAGE
 from cheers_pl.data.images import resize_pad, to_tensor
 from cheers_pl.io.export import export_model
-from cheers_pl.model import CheersModel
-from cheers_pl.spec import CheersSpec
-from tests.helpers import randomize_zero_inits
+from tests.helpers import tiny_random_model
 
 FAST = ["--steps", "3", "--cfg", "3.0", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = CheersModel(CheersSpec.tiny()).eval()
-    randomize_zero_inits(m)
-    return m
+    return tiny_random_model()
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from cheers_pl.model import CheersModel
 from cheers_pl.spec import CheersSpec
 from data_recipes.demo import digit_image, digit_samples, png_bytes
 from data_recipes.writer import ShardSink
+from tests import ddp_worker
 
 TINY_YAML = Path(__file__).resolve().parents[1] / "experiments" / "tiny.yaml"
 STEPS = 250
@@ -73,15 +74,8 @@ def test_short_tiny_fit_uses_prompt_and_image(tmp_path):
         cfg_dropout=0.0,
     )
     dm.attach(model.processor, model.image_size).setup()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     batches = iter(dm.train_dataloader())
-    for _ in range(STEPS):
-        loss = model(next(batches)).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+    ddp_worker.train(model, lambda _: model(next(batches)).loss, STEPS, lr=lr)
     prompt, image = sensitivities(model, gen, und)
     assert prompt > 0.02, f"FM loss does not depend on the prompt: sensitivity {prompt:.4f}"
     assert image > 0.1, f"the answers do not depend on the image: sensitivity {image:.4f}"

@@ -10,9 +10,7 @@ from cheers_pl.cli import main
 from cheers_pl.eval import demo_eval, heldout
 from cheers_pl.eval.detail import detail_ratio, high_frequency_fraction
 from cheers_pl.io.export import export_model
-from cheers_pl.model import CheersModel
-from cheers_pl.spec import CheersSpec
-from tests.helpers import randomize_zero_inits
+from tests.helpers import tiny_random_model
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +23,7 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = CheersModel(CheersSpec.tiny()).eval()
-    randomize_zero_inits(m)
-    return m
+    return tiny_random_model()
 
 
 @pytest.fixture(scope="module")
