@@ -114,7 +114,6 @@ def _overlay(out: Path, vae: Path, every: int) -> Path:
     root, pl = "${trainer.default_root_dir}", "lightning.pytorch.callbacks"
     overlay = {
         "trainer": {
-            "log_every_n_steps": 25,
             "enable_progress_bar": False,
             "callbacks": [
                 {
@@ -141,14 +140,13 @@ def _overlay(out: Path, vae: Path, every: int) -> Path:
 
 
 def _fit(configs: list[str], root: Path, steps: int, seed: int, data: Path, extra: list[str]) -> Path:
-    """One in-process ``cheers fit`` (resumed from ``last.ckpt`` when a killed run left one)."""
-    from cheers_pl.cli import main
+    """The sweep's in-process ``cheers fit``, resumed from ``last.ckpt`` when a killed run left one."""
+    from cheers_pl.sweep import fit
 
     last = root / "checkpoints" / "last.ckpt"
-    args = ["fit", *[a for c in configs for a in ("-c", c)], "--trainer.default_root_dir", str(root)]
-    args += ["--trainer.max_steps", str(steps), "--seed_everything", str(seed), "--data.root", str(data)]
-    main(args + extra + (["--ckpt_path", str(last)] if last.is_file() else []))
-    return last
+    return fit(
+        configs, root, steps, seed, str(data), extra + (["--ckpt_path", str(last)] if last.is_file() else [])
+    )
 
 
 def stage1(out: Path, mode: str, seed: int, steps: int, data: Path, overlay: Path) -> Path:
