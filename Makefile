@@ -12,7 +12,7 @@ THREADS := $(if $(filter tiny,$(PRESET)),CHEERS_NUM_THREADS=1,)
 STAGE_DATA := $(if $(filter tiny,$(PRESET)),data/demo/manifest.json,)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format clean bench bench-gpu bench-data stage1 stage2 stage3 stage4 tb demo sweep paper-tables
+.PHONY: help setup test lint format clean bench bench-gpu bench-data stage1 stage2 stage3 stage4 tb demo sweep paper-tables faults
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -76,3 +76,6 @@ bench-gpu: setup ## GPU figures, paper size in bf16 on one GPU: step time, token
 
 clean: ## Remove caches (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
+
+faults: setup ## Fault-injection cases against the real CLI (bad samples, wrong paths, two runs, kills); prints a table
+	$(BIN)/python -m tests.faults $(ARGS)
