@@ -1,7 +1,8 @@
 """What every recipe shares: the output options, record readers, the summary and ``main``.
 
 Readers never stop on one bad record: a JSON line that does not parse is counted on the sink as
-``bad_json`` (with its line number) and reading goes on.
+``bad_json``, a line or CSV row with bytes that are not UTF-8 as ``bad_encoding`` (the line is
+skipped, not decoded with replacement characters), each named ``file:line``, and reading goes on.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import argparse
 import csv
 import hashlib
 import json
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from data_recipes.writer import MANIFEST, ShardSink
+from data_recipes.writer import MANIFEST, ShardSink, check_out_dir, check_prefix
 
 CAPTION_QUESTIONS = (
     "Describe this image briefly.",
@@ -33,11 +35,52 @@ def add_output_arguments(parser: argparse.ArgumentParser, maxcount: int = 1000) 
     ``maxcount`` is the default of ``--maxcount``.
     """
     group = parser.add_argument_group("output")
-    group.add_argument("--out", required=True, help="folder for the shards and manifest.json")
-    group.add_argument("--prefix", default="shard", help="shard file names are PREFIX-000000.tar, ...")
-    group.add_argument("--maxcount", type=int, default=maxcount, help="samples per shard at most")
-    group.add_argument("--maxsize", type=int, default=1 << 30, help="bytes per shard (about) at most")
-    group.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier run")
+    group.add_argument(
+        "--out",
+        required=True,
+        type=_checked(check_out_dir, str),
+        help="folder for the shards and manifest.json",
+    )
+    group.add_argument(
+        "--prefix",
+        default="shard",
+        type=_checked(check_prefix),
+        help="shard file names are PREFIX-000000.tar, ... (a plain name: no path separator)",
+    )
+    group.add_argument("--maxcount", type=positive_int, default=maxcount, help="samples per shard at most")
+    group.add_argument(
+        "--maxsize", type=positive_int, default=1 << 30, help="bytes per shard (about) at most"
+    )
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the shards of an earlier finished run (an interrupted run's are replaced anyway)",
+    )
+
+
+def _checked(
+    check: Callable[[str], Any], convert: Callable[[Any], Any] = lambda v: v
+) -> Callable[[str], Any]:
+    """An argparse ``type`` that runs ``check`` and turns its ``ValueError`` into a parse error."""
+
+    def parse(value: str) -> Any:
+        try:
+            return convert(check(value))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
+def positive_int(value: str) -> int:
+    """An argparse ``type``: an integer >= 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value!r}")
+    return n
 
 
 def sink_from_args(args: argparse.Namespace, recipe: str, out: Path | None = None, **kw: Any) -> ShardSink:
@@ -57,20 +100,34 @@ def iter_json_records(path: Path, sink: ShardSink) -> Iterator[tuple[int, Any]]:
     """(number, record) of a JSON list file (number = position) or a JSONL file (line number).
 
     The format is told by the content: a file whose first non-blank character is ``[`` is a JSON
-    list. A JSONL line that does not parse is counted as ``bad_json``; a JSON list that does not
-    parse raises ``ValueError`` (nothing of it can be trusted).
+    list. A JSONL line that does not parse is counted as ``bad_json``, one that is not UTF-8 as
+    ``bad_encoding``; a JSON list that does not parse raises ``ValueError`` (nothing of it can be
+    trusted), and its records with undecodable bytes are counted as ``bad_encoding``.
     """
-    with open(path, encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
     if head.startswith("["):
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(path.read_text(encoding="utf-8-sig", errors="surrogateescape"))
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
-        yield from enumerate(records)
+        for n, record in enumerate(records):
+            if _has_undecodable(record):
+                sink.skip(
+                    f"{path.name}:{n}", "bad_encoding", f"{path.name} record {n}: bytes that are not UTF-8"
+                )
+            else:
+                yield n, record
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                where = f"{path.name}:{lineno}"
+                message = f"{where}: byte 0x{raw[err.start]:02x} at column {err.start + 1} is not UTF-8"
+                sink.skip(where, "bad_encoding", message)
+                continue
             if not line.strip():
                 continue
             try:
@@ -79,6 +136,17 @@ def iter_json_records(path: Path, sink: ShardSink) -> Iterator[tuple[int, Any]]:
                 sink.skip(f"{path.name}:{lineno}", "bad_json", f"{path.name} line {lineno}: {err}")
                 continue
             yield lineno, record
+
+
+def _has_undecodable(value: Any) -> bool:
+    """True if a string anywhere in ``value`` holds a byte ``surrogateescape`` could not decode."""
+    if isinstance(value, str):
+        return any("\udc80" <= ch <= "\udcff" for ch in value)
+    if isinstance(value, dict):
+        return any(_has_undecodable(k) or _has_undecodable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_undecodable(v) for v in value)
+    return False
 
 
 def _check_columns(path: Path, have: list[str], need: list[str]) -> None:
@@ -103,11 +171,15 @@ def iter_rows(path: Path, sink: ShardSink, columns: list[str]) -> Iterator[tuple
                     f"{path.name}:{n}", "bad_record", f"record {n} is {type(record).__name__}, not an object"
                 )
     elif suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
             _check_columns(path, list(reader.fieldnames or []), columns)
             for row in reader:
-                yield reader.line_num, row
+                if _has_undecodable(row):
+                    where = f"{path.name}:{reader.line_num}"
+                    sink.skip(where, "bad_encoding", f"{where}: a cell holds bytes that are not UTF-8")
+                else:
+                    yield reader.line_num, row
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -137,8 +209,17 @@ def summary(manifest: dict[str, Any], out: str | Path) -> str:
 
 
 def run_and_print(run: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Namespace) -> int:
-    """Run a recipe and print its summary; the exit status (0)."""
-    print(summary(run(args), args.out))
+    """Run a recipe and print its summary; the exit status (0, or 1 after one line naming the error).
+
+    Errors that stop a run (an unreadable input, a missing column, old outputs, a full disk) are
+    one line on stderr, not a traceback; a rerun replaces what the stopped run left.
+    """
+    try:
+        manifest = run(args)
+    except (OSError, ValueError) as err:
+        print(f"cheers data: error: {err}", file=sys.stderr)
+        return 1
+    print(summary(manifest, args.out))
     return 0
 
 

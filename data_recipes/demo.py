@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import random
 import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,7 +45,7 @@ from PIL import Image
 from cheers_pl.data.schema import IMAGE, IMAGE_GEN, Sample
 from data_recipes import numbers
 from data_recipes.common import add_output_arguments, caption_question, recipe_main, sink_from_args
-from data_recipes.writer import MANIFEST, ShardSink, prepare_out_dir
+from data_recipes.writer import MANIFEST, ShardSink, finish_out_dir, interrupted_prefix, prepare_out_dir
 
 MTIME = 1735689600  # 2025-01-01T00:00:00Z, the time stamp of every tar member
 TASK_FOLDERS = ("understanding", "generation", "text")
@@ -390,7 +390,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"--reading-min-digits {args.reading_min_digits} and --reading-max-digits "
             f"{args.reading_max_digits}: need 1 <= min <= max <= {numbers.MAX_DIGITS}"
         )
-    out = prepare_out_dir(args.out, args.prefix, args.overwrite)
+    interrupted = interrupted_prefix(Path(args.out)) is not None  # its sub-folders are replaced too
+    out = prepare_out_dir(args.out, args.prefix, args.overwrite, "demo")
+    args = argparse.Namespace(**{**vars(args), "overwrite": args.overwrite or interrupted})
     with ExitStack() as stack:
         sinks = {
             t: stack.enter_context(sink_from_args(args, f"demo/{t}", out / t, mtime=MTIME))
@@ -430,7 +432,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     if args.judge:
         manifest["judge"] = build_judge(out, args.digits, args.heldout)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    finish_out_dir(out, manifest)
     return manifest
 
 

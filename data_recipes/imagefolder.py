@@ -19,7 +19,14 @@ from typing import Any
 
 from cheers_pl.data.schema import SampleError
 from data_recipes.captions import pair_samples
-from data_recipes.common import MODES, add_output_arguments, iter_rows, recipe_main, sink_from_args
+from data_recipes.common import (
+    MODES,
+    add_output_arguments,
+    iter_rows,
+    positive_int,
+    recipe_main,
+    sink_from_args,
+)
 from data_recipes.writer import ShardSink, check_image, read_image_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -68,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--missing-caption", choices=["skip", "class"], default="skip", help="image without caption"
     )
-    parser.add_argument("--repeat", type=int, default=1, help="write every sample this many times")
+    parser.add_argument("--repeat", type=positive_int, default=1, help="write every sample this many times")
     parser.add_argument("--mode", choices=MODES, default="t2i", help="text-to-image, captioning or both")
     add_output_arguments(parser)
 

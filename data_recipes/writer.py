@@ -7,7 +7,9 @@ Every recipe ends here::
         sink.skip("file.jsonl:17", "bad_json", "line 17: ...")   # records that never became a Sample
     manifest = sink.manifest                  # also written to out/llava/manifest.json
 
-The folder then holds ``shard-000000.tar``, ``shard-000001.tar``, ... and ``manifest.json``::
+The folder then holds ``shard-000000.tar``, ``shard-000001.tar``, ... and ``manifest.json``; until the
+manifest is written (atomically) the folder also holds ``incomplete.json``, so the rerun of a run
+that was killed or failed replaces what it left instead of refusing it (no ``--overwrite`` needed)::
 
     {"recipe", "created", "prefix", "samples", "tasks": {task: n},
      "shards": [{"file", "samples", "tasks", "bytes", "sha256"}],
@@ -19,10 +21,13 @@ that is really a PNG becomes ``img0.png``); nothing is re-encoded.
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import tarfile
 from collections import Counter
 from datetime import datetime, timezone
@@ -35,6 +40,9 @@ from cheers_pl.data.schema import Sample, SampleError, from_raw, to_record, vali
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+INCOMPLETE = "incomplete.json"  # written first, removed after the manifest: marks an unfinished run
+MARKER_NOTE = "a recipe run is writing here or was interrupted; a rerun replaces these shards"
+PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MAX_EXAMPLES = 50
 
 
@@ -44,28 +52,55 @@ def error_message(err: SampleError) -> str:
 
 
 def read_image_file(root: str | os.PathLike, rel: str) -> bytes:
-    """The bytes of ``root/rel``; ``SampleError("bad_path")`` if ``rel`` leaves ``root``.
+    """The bytes of ``root/rel``; ``SampleError("bad_path")`` if ``rel`` leaves ``root`` or cannot be a path.
 
     The path as written may not be absolute or climb above ``root`` with ``..``; nor may the
     file it names, once symbolic links are followed, lie outside ``root`` (links that stay inside
-    ``root`` work). A missing file raises ``SampleError("missing_image")``.
+    ``root`` work). A NUL byte, a symbolic-link loop or a name too long for the file system is
+    ``bad_path``; a missing file ``missing_image``; any other read error ``unreadable_image``.
+    Nothing here raises anything but :class:`SampleError`, so one bad record never stops a recipe.
     """
     rel = str(rel).strip()
     norm = os.path.normpath(rel) if rel else ""
     if not rel or os.path.isabs(rel) or norm == ".." or norm.startswith(".." + os.sep):
         raise SampleError("bad_path", f"image path {rel!r} is empty or leaves the image root {root}")
+    if "\x00" in rel:
+        raise SampleError("bad_path", f"image path {rel!r} holds a NUL byte")
     path = Path(root) / norm
-    real = path.resolve()
-    if path.exists() and not real.is_relative_to(Path(root).resolve()):
+    try:
+        real = path.resolve()
+        outside = path.exists() and not real.is_relative_to(Path(root).resolve())
+        data = None if outside else path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise SampleError("missing_image", f"no image file {path}") from None
+    except RuntimeError:  # Path.resolve() on a symbolic-link loop (Python < 3.13)
+        raise SampleError("bad_path", f"image path {rel!r} is a symbolic-link loop") from None
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENAMETOOLONG):
+            raise SampleError("bad_path", f"image path {rel!r}: {err.strerror}") from None
+        raise SampleError("unreadable_image", f"cannot read {path}: {err}") from None
+    except ValueError as err:  # e.g. a character the file system cannot name
+        raise SampleError("bad_path", f"image path {rel!r}: {err}") from None
+    if data is None:
         raise SampleError(
             "bad_path", f"image path {rel!r} is a link to {real}, outside the image root {root}"
         )
-    try:
-        return path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise SampleError("missing_image", f"no image file {path}") from None
-    except OSError as err:
-        raise SampleError("unreadable_image", f"cannot read {path}: {err}") from None
+    return data
+
+
+def check_encoding(sample: Sample) -> None:
+    """``SampleError("bad_encoding")`` if the id or a message holds text UTF-8 cannot encode.
+
+    Such text (lone surrogates) comes from undecodable bytes in a file name or a ``"\\udc80"``
+    escape in JSON; the tokenizer could not read it back.
+    """
+    for where, text in [("id", str(sample.id))] + [(m["role"], m["content"]) for m in sample.messages]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise SampleError(
+                "bad_encoding", f"the {where} text is not valid UTF-8 ({err.reason} at character {err.start})"
+            ) from None
 
 
 def check_image(data: bytes) -> str:
@@ -83,27 +118,94 @@ def check_image(data: bytes) -> str:
     return image_extension(img)
 
 
-def old_outputs(out_dir: Path, prefix: str) -> list[Path]:
-    """The files a previous run left in ``out_dir``: ``{prefix}-*.tar`` and ``manifest.json``."""
-    found = sorted(out_dir.glob(f"{prefix}-*.tar"))
-    if (out_dir / MANIFEST).exists():
-        found.append(out_dir / MANIFEST)
-    return found
+def check_prefix(prefix: str) -> str:
+    """``prefix`` if it is a plain file-name stem (letters, digits, ``.``, ``_``, ``-``); else ``ValueError``.
+
+    A prefix with a path separator (``../x``, ``a/b``) would write shards outside the output folder.
+    """
+    if not PREFIX_RE.fullmatch(prefix or ""):
+        raise ValueError(
+            f"prefix {prefix!r} must be a plain file-name stem (letters, digits, '.', '_', '-', starting "
+            "with a letter or digit; no path separator); put the folder in --out instead"
+        )
+    return prefix
 
 
-def prepare_out_dir(out_dir: str | os.PathLike, prefix: str, overwrite: bool) -> Path:
-    """Create ``out_dir``; refuse (``FileExistsError``) or, with ``overwrite``, remove old outputs."""
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` if it is, or can be created as, a writable folder; else ``ValueError`` saying why."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {out} is a file; name a folder (it is created if missing)")
+    existing = next((p for p in (out, *out.absolute().parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"output folder {out} cannot be created: {existing} is a file")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        what = "is" if existing == out else f"cannot be created: {existing} is"
+        raise ValueError(f"output folder {out} {what} not writable; name a writable folder")
+    return out
+
+
+def interrupted_prefix(out_dir: Path) -> str | None:
+    """The prefix of a run that started writing in ``out_dir`` and never wrote its manifest, or None."""
+    try:
+        return str(json.loads((out_dir / INCOMPLETE).read_text()).get("prefix") or "shard")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError):
+        return "shard"
+
+
+def old_outputs(out_dir: Path, prefix: str) -> list[Path]:
+    """The files a previous run left in ``out_dir``: ``{prefix}-*.tar``, ``manifest.json`` and the
+    ``incomplete.json`` marker of an interrupted run (with that run's own shards)."""
+    found = set(out_dir.glob(f"{prefix}-*.tar"))
+    interrupted = interrupted_prefix(out_dir)
+    if interrupted is not None:
+        found |= set(out_dir.glob(f"{glob.escape(interrupted)}-*.tar")) | {out_dir / INCOMPLETE}
+    return sorted(found) + ([out_dir / MANIFEST] if (out_dir / MANIFEST).exists() else [])
+
+
+def prepare_out_dir(out_dir: str | os.PathLike, prefix: str, overwrite: bool, recipe: str = "custom") -> Path:
+    """Create ``out_dir`` and mark it ``incomplete.json`` until :func:`finish_out_dir`.
+
+    Old outputs are refused (``FileExistsError``) unless ``overwrite``, or unless they are what an
+    interrupted run left (the marker is there: a killed or failed run never wrote its manifest),
+    which a rerun replaces. ``ValueError`` for a bad ``prefix`` or an unwritable ``out_dir``.
+    """
+    out = check_out_dir(out_dir)
+    check_prefix(prefix)
     old = old_outputs(out, prefix) if out.is_dir() else []
-    if old and not overwrite:
+    interrupted = interrupted_prefix(out) is not None if out.is_dir() else False
+    if old and not overwrite and not interrupted:
         names = ", ".join(p.name for p in old[:5]) + (f" and {len(old) - 5} more" if len(old) > 5 else "")
         raise FileExistsError(
             f"{out} already holds {names}; pass overwrite=True (--overwrite) to replace them"
         )
+    if old and interrupted and not overwrite:
+        log.warning("%s: replacing the %d file(s) an interrupted run left", out, len(old))
     for path in old:
         path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    marker = {"recipe": recipe, "prefix": prefix, "pid": os.getpid(), "started": _now(), "note": MARKER_NOTE}
+    write_atomic(out / INCOMPLETE, json.dumps(marker, indent=2) + "\n")
     return out
+
+
+def finish_out_dir(out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest.json`` atomically, then remove the ``incomplete.json`` marker."""
+    write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    (out_dir / INCOMPLETE).unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def sha256_file(path: Path) -> str:
@@ -144,7 +246,7 @@ class ShardSink:
         self._writer = None
 
     def __enter__(self) -> ShardSink:
-        prepare_out_dir(self.out_dir, self.prefix, self.overwrite)
+        prepare_out_dir(self.out_dir, self.prefix, self.overwrite, self.recipe)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -152,7 +254,7 @@ class ShardSink:
             self._writer.close()
         if exc_type is None:
             self.manifest = self._build_manifest()
-            (self.out_dir / MANIFEST).write_text(json.dumps(self.manifest, indent=2) + "\n")
+            finish_out_dir(self.out_dir, self.manifest)
 
     @property
     def count(self) -> int:
@@ -163,6 +265,7 @@ class ShardSink:
         """Validate and write ``sample``; a bad one is skipped and counted. True if written."""
         try:
             validate(sample)
+            check_encoding(sample)
             images = [bytes(data) for data in sample.images]
             extensions = [check_image(data) for data in images]
         except SampleError as err:
@@ -228,7 +331,7 @@ class ShardSink:
             )
         return {
             "recipe": self.recipe,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": _now(),
             "prefix": self.prefix,
             "samples": self.count,
             "tasks": dict(sorted(self.tasks.items())),
