@@ -36,10 +36,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import shlex
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,30 +322,62 @@ def run_items(items: list[Item], work: Callable[[Item], Any], out: Path, desc: s
 
 
 # -- commands --------------------------------------------------------------------------------------
+SEED_MAX = 2**63 - 1
+
+
+def number(kind: type, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable:
+    """An argparse ``type``: a finite ``kind`` (int or float) in [lo, hi] (``(`` / ``)`` when open).
+
+    ``nan``, ``inf`` and values out of range are refused at parse time, naming the option and the
+    range: they would otherwise give black images and ``NaN`` in ``repro.json``.
+    """
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    what = "an integer" if kind is int else "a finite number"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not _inside(value, lo, hi, lo_open, hi_open):
+            raise argparse.ArgumentTypeError(f"must be {what} in {interval}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _inside(value: float, lo: float, hi: float, lo_open: bool, hi_open: bool) -> bool:
+    return (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+
+
 def _parser(command: str, doc: str, items: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"cheers {command}", description=doc)
     parser.add_argument("--model", required=True, help="a stage .ckpt, an exported or a converted folder")
     parser.add_argument("--jsonl", help=f"batch input, one JSON object per line: {items}")
-    parser.add_argument("--seed", type=int, default=0, help="base seed (item i, image k: seed + i*n + k)")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--seed", type=number(int, 0, SEED_MAX), default=0, help="base seed (item i, image k: seed + i*n + k)"
+    )
+    parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the outputs of an earlier run in --out"
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     return parser
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--cfg", dest="cfg_scale", type=float, default=9.5, help="classifier-free guidance scale (1: none)"
+        "--cfg",
+        dest="cfg_scale",
+        type=number(float, 0, 100),
+        default=9.5,
+        help="classifier-free guidance scale in [0, 100] (1: none)",
     )
-    parser.add_argument("--steps", type=int, default=80, help="Euler steps N")
-    parser.add_argument("--shift", type=float, default=0.5, help="time shift a of the schedule")
+    parser.add_argument("--steps", type=number(int, 1, 10000), default=80, help="Euler steps N, 1 to 10000")
+    parser.add_argument(
+        "--shift", type=number(float, 0, 100, lo_open=True), default=0.5, help="time shift a, in (0, 100]"
+    )
     parser.add_argument("--last-dt", choices=flow.LAST_DT_MODES, default="released", help="last Euler step")
-
-
-def _check_sampling(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    if args.shift <= 0:
-        parser.error(f"--shift must be > 0, got {args.shift}")
 
 
 def _items(parser, args, single: dict[str, Any]) -> list[Item]:
@@ -385,10 +419,32 @@ def _settings(args: argparse.Namespace, names: str, **extra: Any) -> dict[str, A
     return {**{name: getattr(args, name) for name in names.split()}, **extra}
 
 
-def _prepare_out(args: argparse.Namespace) -> Path:
+def _prepare_out(parser: argparse.ArgumentParser, args: argparse.Namespace, outputs: list[str]) -> Path:
+    """Create ``--out``; exit with one line if it is a file, is not writable, or already holds one
+    of ``outputs`` (an earlier run's) and ``--overwrite`` is not given."""
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        parser.exit(
+            2, f"{parser.prog}: error: --out {out} is a file; name a folder (it is created if missing)\n"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        parser.exit(2, f"{parser.prog}: error: cannot write to --out {out}: {err.strerror or err}\n")
+    old = [name for name in dict.fromkeys(outputs) if (out / name).exists()]
+    if old and not args.overwrite:
+        names = ", ".join(old[:3]) + (f" and {len(old) - 3} more" if len(old) > 3 else "")
+        parser.exit(
+            2,
+            f"{parser.prog}: error: --out {out} already holds {names} of an earlier run; "
+            "pass --overwrite to replace them, or choose another --out\n",
+        )
     return out
+
+
+OLD_RUN = ["repro.json", "failures.jsonl"]  # what every command writes (failures: when some fail)
 
 
 def main_generate(argv: list[str] | None = None) -> int:
@@ -399,14 +455,17 @@ def main_generate(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     _sampling_args(parser)
-    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    parser.add_argument("--size", type=int, default=None, help="image size; must be the model's own")
+    parser.add_argument(
+        "--num-images", type=number(int, 1, 1000), default=1, help="images per prompt, 1 to 1000"
+    )
+    parser.add_argument(
+        "--size", type=number(int, 1, 1 << 16), default=None, help="image size; must be the model's own"
+    )
     parser.add_argument("--save-gates", action="store_true", help="also save every step's HFI gate map")
     args = parser.parse_args(argv)
-    _check_sampling(parser, args)
-    if args.num_images < 1:
-        parser.error(f"--num-images must be >= 1, got {args.num_images}")
     items = _items(parser, args, {"prompt": args.prompt})
+    names = [f"{item.index:05d}_{k:02d}.png" for item in items for k in range(args.num_images)]
+    out = _prepare_out(parser, args, OLD_RUN + names)
     model = _load(parser, args)
     size = model.image_size
     if args.size is not None and args.size != size:
@@ -416,7 +475,6 @@ def main_generate(argv: list[str] | None = None) -> int:
             f"{parser.prog}: error: --size {args.size} is not this model's image size {size} "
             f"(the kit's models make one fixed size, a multiple of their {patch}-px latent patch)\n",
         )
-    out = _prepare_out(args)
 
     def work(item: Item) -> list[dict]:
         prompt, records = text_field(item, "prompt"), []
@@ -450,17 +508,17 @@ def main_answer(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--image", help="an image file")
     parser.add_argument("--question", help="the question")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=number(int, 1, 65536), default=64, help="1 to 65536")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-k", type=int, default=20)
-    parser.add_argument("--top-p", type=float, default=0.8)
+    parser.add_argument(
+        "--temperature", type=number(float, 0, 100, lo_open=True), default=0.7, help="(0, 100]"
+    )
+    parser.add_argument("--top-k", type=number(int, 0, 1 << 30), default=20, help="0: off")
+    parser.add_argument("--top-p", type=number(float, 0, 1, lo_open=True), default=0.8, help="(0, 1]")
     args = parser.parse_args(argv)
-    if args.max_new_tokens < 1:
-        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     items = _items(parser, args, {"image": args.image, "question": args.question})
+    out = _prepare_out(parser, args, [*OLD_RUN, "answers.jsonl"])
     model = _load(parser, args)
-    out = _prepare_out(args)
     root = Path(args.jsonl).parent if args.jsonl else Path(".")
     answers = out / "answers.jsonl"
     answers.write_text("")
@@ -499,24 +557,28 @@ def main_edit(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", help="the source image file")
     parser.add_argument("--instruction", help="what to change")
     _sampling_args(parser)
-    parser.add_argument("--t0", type=float, default=EDIT_T0, help="start time (0.1: round(0.9 N) steps)")
+    parser.add_argument(
+        "--t0",
+        type=number(float, 0, 1, hi_open=True),
+        default=EDIT_T0,
+        help="start time in [0, 1) (0.1: round(0.9 N) steps)",
+    )
     parser.add_argument(
         "--schedule", choices=EDIT_SCHEDULES, default=None, help="step grid (default: the model's compat)"
     )
     args = parser.parse_args(argv)
-    _check_sampling(parser, args)
     try:
         edit_schedule(args.steps, args.shift, args.t0, args.last_dt, args.schedule or "kit")
     except ValueError as err:
         parser.error(str(err))
     items = _items(parser, args, {"image": args.image, "instruction": args.instruction})
+    out = _prepare_out(parser, args, OLD_RUN + [f"{item.index:05d}.png" for item in items])
     model = _load(parser, args)
     args.schedule = args.schedule or ("released" if model.spec.compat == "released" else "kit")
     try:
         n_run = len(edit_schedule(args.steps, args.shift, args.t0, args.last_dt, args.schedule)[0])
     except ValueError as err:
         parser.error(str(err))
-    out = _prepare_out(args)
     root = Path(args.jsonl).parent if args.jsonl else Path(".")
 
     def work(item: Item) -> dict:

@@ -107,9 +107,15 @@ def test_generate_reports_failing_items_and_finishes_the_rest(exported, tmp_path
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--prompt", "a cat", "--steps", "0"], "--steps must be >= 1, got 0"),
+        (
+            ["--prompt", "a cat", "--steps", "0"],
+            "argument --steps: must be an integer in [1, 10000], got '0'",
+        ),
         (["--prompt", "a cat", "--size", "30"], "--size 30 is not this model's image size 32"),
-        (["--prompt", "a cat", "--num-images", "0"], "--num-images must be >= 1"),
+        (
+            ["--prompt", "a cat", "--num-images", "0"],
+            "argument --num-images: must be an integer in [1, 1000]",
+        ),
         ([], "give --jsonl FILE or --prompt"),
         (["--jsonl", "EMPTY"], "no items"),
     ],
@@ -131,7 +137,7 @@ def test_generate_size_of_the_model_is_fine_and_a_missing_model_is_named(exporte
         == 0
     )
     with pytest.raises(SystemExit) as err:
-        inf.main_generate(["--model", str(tmp_path / "nowhere"), "--prompt", "a cat", "--out", out])
+        inf.main_generate(["--model", str(tmp_path / "nowhere"), "--prompt", "a cat", "--out", out + "2"])
     assert err.value.code == 2 and "nowhere" in capsys.readouterr().err
 
 
@@ -258,3 +264,95 @@ def test_edit_command_writes_images_and_a_card(model, exported, photos, tmp_path
     with pytest.raises(SystemExit) as err:
         inf.main_edit(["--model", str(exported), "--jsonl", str(jsonl), "--out", str(out), "--steps", "0"])
     assert err.value.code == 2
+
+
+# -- issue 14: bad numbers and --out folders are refused in one line; no earlier run is overwritten ------
+MAINS = {"generate": inf.main_generate, "answer": inf.main_answer, "edit": inf.main_edit}
+ITEM = {"generate": ["--prompt", "a cat"], "answer": ["--question", "?"], "edit": ["--instruction", "x"]}
+
+
+@pytest.mark.parametrize(
+    "command, option, value, interval",
+    [
+        ("generate", "--cfg", "nan", "[0, 100]"),
+        ("generate", "--cfg", "inf", "[0, 100]"),
+        ("generate", "--cfg", "-1", "[0, 100]"),
+        ("generate", "--shift", "inf", "(0, 100]"),
+        ("generate", "--shift", "nan", "(0, 100]"),
+        ("generate", "--shift", "0", "(0, 100]"),
+        ("generate", "--steps", "1e9", "[1, 10000]"),
+        ("generate", "--seed", "-1", "[0, "),
+        ("edit", "--cfg", "nan", "[0, 100]"),
+        ("edit", "--shift", "-inf", "(0, 100]"),
+        ("edit", "--t0", "nan", "[0, 1)"),
+        ("edit", "--t0", "1", "[0, 1)"),
+        ("answer", "--temperature", "nan", "(0, 100]"),
+        ("answer", "--temperature", "0", "(0, 100]"),
+        ("answer", "--top-p", "1.5", "(0, 1]"),
+        ("answer", "--top-p", "nan", "(0, 1]"),
+        ("answer", "--top-k", "-1", "[0, "),
+        ("answer", "--max-new-tokens", "0", "[1, 65536]"),
+    ],
+)
+def test_non_finite_or_out_of_range_numbers_are_refused_at_parse_time(
+    tmp_path, capsys, command, option, value, interval
+):
+    extra = ["--image", str(tmp_path / "x.png")] if command != "generate" else []
+    argv = ["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), *ITEM[command], *extra]
+    with pytest.raises(SystemExit) as err:
+        MAINS[command]([*argv, f"{option}={value}"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.value.code == 2 and f"argument {option}" in line and interval in line and repr(value) in line
+    assert not (tmp_path / "o").exists()  # refused before anything was written or loaded
+
+
+@pytest.mark.parametrize("command", list(MAINS))
+def test_an_out_that_is_a_file_is_one_line(tmp_path, capsys, command):
+    (tmp_path / "file").write_text("")
+    extra = ["--image", str(tmp_path / "x.png")] if command != "generate" else []
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        argv = ["--model", str(tmp_path / "nowhere"), "--out", str(out), *ITEM[command], *extra]
+        with pytest.raises(SystemExit) as err:
+            MAINS[command](argv)
+        text = capsys.readouterr().err.strip()
+        assert (
+            err.value.code == 2
+            and len(text.splitlines()) == 1
+            and "--out" in text
+            and "Traceback" not in text
+        )
+        assert "is a file" in text or "Not a directory" in text
+
+
+def test_answer_refuses_to_overwrite_an_earlier_answers_file(exported, photos, tmp_path, capsys):
+    args = ["--model", str(exported), "--image", str(photos / "wide.png"), "--question", "What?"]
+    args += ["--max-new-tokens", "2", "--device", "cpu", "--out", str(tmp_path / "o")]
+    assert inf.main_answer(args) == 0
+    first = (tmp_path / "o" / "answers.jsonl").read_text()
+    with pytest.raises(SystemExit) as err:
+        inf.main_answer([*args[:3], str(photos / "tall.png"), *args[4:]])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.value.code == 2 and "answers.jsonl" in line and "--overwrite" in line
+    assert (tmp_path / "o" / "answers.jsonl").read_text() == first  # untouched
+    assert inf.main_answer([*args[:3], str(photos / "tall.png"), *args[4:], "--overwrite"]) == 0
+    assert "tall.png" in (tmp_path / "o" / "answers.jsonl").read_text()
+
+
+def test_generate_refuses_to_overwrite_earlier_images(exported, tmp_path, capsys):
+    args = [
+        "--model",
+        str(exported),
+        "--prompt",
+        "a cat",
+        *FAST,
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert inf.main_generate(args) == 0
+    with pytest.raises(SystemExit) as err:
+        inf.main_generate(args)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.value.code == 2 and "00000_00.png" in line and "repro.json" in line and "--overwrite" in line
+    assert inf.main_generate([*args, "--overwrite"]) == 0
