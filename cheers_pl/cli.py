@@ -43,6 +43,9 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from cheers_pl.quiet import quiet_known_noise
+
+    quiet_known_noise()  # known-harmless dependency warnings, by message (cheers_pl/quiet.py)
     if os.environ.get("CHEERS_NUM_THREADS"):  # e.g. 1 for tiny CPU runs (make stageN PRESET=tiny)
         import torch
 
