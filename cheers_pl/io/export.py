@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 from dataclasses import asdict
@@ -197,13 +198,9 @@ def export_model(
     An existing non-empty folder is refused unless ``overwrite``, which first removes the files an
     export writes (so no stale shard of an earlier export stays behind).
     """
-    out = Path(out_dir)
+    out = check_export_dir(out_dir, overwrite)
     max_bytes = parse_size(max_shard_size)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"export: {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"export: {out} is not empty (pass overwrite=True / --overwrite)")
         _remove_export(out)
     out.mkdir(parents=True, exist_ok=True)
     spec = portable_spec(model.spec)
@@ -231,6 +228,24 @@ def export_model(
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in state.values()}),
     }
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def check_export_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """``out_dir`` if an export may write there; else ``ValueError`` / ``FileExistsError`` saying why.
+
+    It must be a folder (or not exist, under a writable folder) and be empty unless ``overwrite``.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export: --out {out} is a file; name a folder (it is created if missing)")
+    existing = next((p for p in (out, *out.absolute().parents) if p.exists()), out)
+    if not existing.is_dir():
+        raise ValueError(f"export: --out {out} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"export: --out {out} cannot be written: {existing} is not writable")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"export: {out} is not empty (pass overwrite=True / --overwrite)")
     return out
 
 
@@ -411,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         parse_size(args.max_shard_size)
+        check_export_dir(args.out, args.overwrite)  # before the (slow) load
         model = load_any(args.model)
         out = export_model(model, args.out, args.max_shard_size, args.overwrite)
     except (ValueError, OSError) as err:
