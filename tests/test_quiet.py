@@ -12,9 +12,9 @@ def test_known_warnings_are_dropped_and_others_kept(monkeypatch):
         warnings.simplefilter("always")
         quiet_known_noise()
         warnings.warn("'set_vital' is deprecated, please do not call", UserWarning, stacklevel=1)
-        warnings.warn("Found 193 module(s) in eval mode at the start of training. This may", UserWarning, stacklevel=1)
+        warnings.warn("Found 193 module(s) in eval mode at the start of training.", UserWarning, stacklevel=1)
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use", DeprecationWarning, stacklevel=1)
-        warnings.warn("Found a real problem in eval mode", UserWarning, stacklevel=1)  # same place, other message
+        warnings.warn("Found a real problem in eval mode", UserWarning, stacklevel=1)
         warnings.warn("something else is deprecated", UserWarning, stacklevel=1)
     kept = ["Found a real problem in eval mode", "something else is deprecated"]
     assert [str(w.message) for w in seen] == kept
