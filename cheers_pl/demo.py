@@ -84,7 +84,8 @@ def _overlay(out: Path, vae: Path, preview_every: int, name: str, ema_decay: flo
                 "init_args": {"save_dir": root, "name": "tb", "default_hp_metric": False},
             },
         },
-        "model": {"init_args": {"spec": {"vae": {"flavor": "pretrained", "path": str(vae)}}}},
+        # absolute: the checkpoints keep this path, and must load from any working folder
+        "model": {"init_args": {"spec": {"vae": {"flavor": "pretrained", "path": str(vae.resolve())}}}},
     }
     path = out / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -180,7 +180,10 @@ def fit_and_save(
     progress: bool = True,
     **kw: Any,
 ) -> str:
-    """Collect the shards' images, fit the tiny VAE and ``save_pretrained(out)``; returns ``out``.
+    """Collect the shards' images, fit the tiny VAE and ``save_pretrained(out)``; returns ``out`` absolute.
+
+    The path is absolute because configs and checkpoints store it (``vae.path``): a relative one
+    would only load from the folder the fit ran in.
 
     Also writes ``out/fit.json`` (loss curve, steps, size, image count, final reconstruction MSE).
     If ``out`` already holds a fit with the same size and steps it is kept unless ``force``.
@@ -190,7 +193,7 @@ def fit_and_save(
     if not force and _is_fitted(folder, size, steps):
         if progress:
             print(f"vae: {folder} already fitted (size {size}, {steps} steps); --force refits")
-        return str(out)
+        return str(folder.resolve())
     images = collect_images(shard_dirs, size, limit=limit)
     start = time.perf_counter()
     vae, losses = fit_vae(images, steps=steps, progress=progress, **kw)
@@ -212,7 +215,7 @@ def fit_and_save(
         print(
             f"vae: fitted on {len(images)} images in {seconds:.1f}s, reconstruction MSE {mse:.5f} -> {folder}"
         )
-    return str(out)
+    return str(folder.resolve())
 
 
 def main(argv: list[str] | None = None) -> int:

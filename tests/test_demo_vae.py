@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +112,18 @@ def test_fit_and_save_loads_as_pretrained_and_is_idempotent(shards, tmp_path, mo
         demo_vae.fit_and_save(shards, str(out), **{**kw, "force": True})
     with pytest.raises(AssertionError, match="fit_vae called"):
         demo_vae.fit_and_save(shards, str(out), **{**kw, "steps": 6})
+
+
+def test_the_vae_path_a_demo_checkpoint_keeps_is_absolute(shards, tmp_path, monkeypatch):
+    """Issue 14: a cwd-relative ``vae.path`` in the checkpoint's hparams only loaded from the fit's folder."""
+    from cheers_pl.demo import _overlay
+
+    monkeypatch.chdir(tmp_path)
+    path = demo_vae.fit_and_save(
+        shards, "runs/demo/vae", size=32, steps=2, limit=4, batch_size=4, progress=False
+    )
+    assert path == str(tmp_path / "runs" / "demo" / "vae")
+    overlay = json.loads(_overlay(Path("runs/demo"), Path("runs/demo/vae"), 10, "o").read_text())
+    assert overlay["model"]["init_args"]["spec"]["vae"]["path"] == path
+    monkeypatch.chdir(tmp_path.parent)  # another working folder
+    assert registry.build("vae", "pretrained", path=path).latent_channels > 0
