@@ -153,7 +153,8 @@ def run_demo(
     if not demo_data_current(data_dir):
         from data_recipes.demo import main as build_demo
 
-        build_demo(["--out", str(data_dir), "--overwrite"])
+        if build_demo(["--out", str(data_dir), "--overwrite"]) != 0:  # the reason is the line above
+            raise SystemExit(f"cheers demo: could not build the demo data in {data_dir}")
     shards = [str(data_dir / "understanding"), str(data_dir / "generation")]
     vae = Path(fit_and_save(shards, str(out_dir / "vae"), size=32, steps=vae_steps))
     overlay1 = _overlay(out_dir, vae, preview_every, "demo_overlay_stage1")
