@@ -23,6 +23,10 @@ COMMANDS = {  # name: (target, help)
     "answer": ("cheers_pl.inference:main_answer", "answer questions about images"),
     "edit": ("cheers_pl.inference:main_edit", "zero-shot image editing (paper appendix B)"),
     "export": ("cheers_pl.io.export:main", "a checkpoint as a Hugging-Face-style folder"),
+    "prepare": (
+        "cheers_pl.io.paper_layout:main",
+        "component downloads -> stage I's checkpoints/",
+    ),
     "convert": ("cheers_pl.io.released:main", "the authors' released checkpoint into the kit"),
     "eval": ("cheers_pl.eval.demo_eval:main_eval", "in-kit evaluations: cheers eval demo --model CKPT"),
     "geneval": ("cheers_pl.eval.geneval:main", "GenEval image folder for its scorer"),
