@@ -145,7 +145,10 @@ class CheersSpec:
         fm_weight: lambda in L = L_AR + lambda * L_FM.
         cfg_dropout: probability that a generation sample's prompt becomes ``<no_mean>`` in training.
         system_prompt: the chat template's system turn.
-        max_length: longest token sequence a sample may have (None: no limit).
+        max_length: a sample's token budget: training skips (or, with ``data.too_long: truncate``,
+            cuts) longer samples, and prompts longer than it are refused. Every stage YAML sets
+            one; None means no limit of the model's own, but the data loader still skips samples
+            over ``data.transforms.MAX_LENGTH_CEILING`` (32768) tokens.
     """
 
     vae: ComponentSpec = field(default_factory=ComponentSpec)

@@ -31,7 +31,7 @@ _ROLES = ("system", "user", "assistant")
 
 
 class SequenceTooLongError(ValueError):
-    """A sequence is longer than the processor's ``max_length`` (it is never truncated)."""
+    """A sequence is longer than the processor's ``max_length`` (and was not, or could not be, truncated)."""
 
 
 class CheersProcessor:
@@ -62,7 +62,8 @@ class CheersProcessor:
         tokens_per_image: placeholders per image (256 for a 512x512 image at the paper's size).
         system_prompt: the system turn added when a chat has none.
         cfg_dropout: probability that :meth:`should_drop` says to null a generation prompt.
-        max_length: longest allowed sequence; longer ones raise :class:`SequenceTooLongError`.
+        max_length: longest allowed sequence; longer ones raise :class:`SequenceTooLongError`
+            (:meth:`encode` can truncate training samples instead, see there).
     """
 
     def __init__(
@@ -172,17 +173,30 @@ class CheersProcessor:
             labels += [IGNORE_INDEX] * len(header)
         return ids, labels
 
-    def _check_length(self, length: int) -> None:
-        if self.max_length is not None and length > self.max_length:
+    def _check_length(self, length: int, max_length: int | None = None) -> None:
+        limit = self.max_length if max_length is None else max_length
+        if limit is not None and length > limit:
+            raise SequenceTooLongError(f"sequence has {length} tokens, more than max_length={limit}")
+
+    def _truncate(self, ids: list[int], labels: list[int], limit: int) -> tuple[list[int], list[int]]:
+        """The first ``limit`` tokens, if that keeps every image span whole; else SequenceTooLongError."""
+        ends = [i for i, t in enumerate(ids) if t == self.im_end_id]  # only image spans hold <im_end>
+        if ends and ends[-1] >= limit:
             raise SequenceTooLongError(
-                f"sequence has {length} tokens, more than max_length={self.max_length} "
-                "(not truncated: a cut could split an image span)"
+                f"sequence has {len(ids)} tokens, more than max_length={limit}, and its last image span "
+                f"ends at token {ends[-1] + 1}: not truncated (a cut may not split or drop an image)"
             )
+        return ids[:limit], labels[:limit]
 
     # ---- public API ----------------------------------------------------------------------
 
     def encode(
-        self, messages: Sequence[dict], num_images: int | None = None, cfg_drop: bool = False
+        self,
+        messages: Sequence[dict],
+        num_images: int | None = None,
+        cfg_drop: bool = False,
+        truncate: bool = False,
+        max_length: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """One training sample.
 
@@ -190,20 +204,30 @@ class CheersProcessor:
             messages: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``.
             num_images: if given, the number of ``<image>`` + ``<image_gen>`` markers it must match.
             cfg_drop: null the whole input except image spans (CFG dropout); labels unchanged.
+            truncate: a sequence over the limit keeps its first ``limit`` tokens, provided every
+                image span ends within them (text after the last image is cut); otherwise, and
+                always when False, it raises :class:`SequenceTooLongError`.
+            max_length: the limit for this call (default: the processor's ``max_length``).
 
         Returns:
-            ``input_ids``: LongTensor (L,); ``labels``: LongTensor (L,), -100 where unsupervised.
+            ``input_ids``: LongTensor (L,); ``labels``: LongTensor (L,), -100 where unsupervised;
+            with ``truncate``, also ``truncated``: how many tokens were cut (an int, 0 for most).
         """
         if num_images is not None:
             found = sum(len(_MARKER.findall(m["content"])) for m in messages)
             if found != num_images:
                 raise ValueError(f"messages have {found} image markers but num_images={num_images}")
         ids, labels = self._chat(messages, open_assistant=False)
-        self._check_length(len(ids))
+        limit = self.max_length if max_length is None else max_length
+        full = len(ids)
+        if truncate and limit is not None and full > limit:
+            ids, labels = self._truncate(ids, labels, limit)
+        self._check_length(len(ids), limit)
         input_ids = torch.tensor(ids, dtype=torch.long)
         if cfg_drop:
             input_ids = self.null_like(input_ids)
-        return {"input_ids": input_ids, "labels": torch.tensor(labels, dtype=torch.long)}
+        out = {"input_ids": input_ids, "labels": torch.tensor(labels, dtype=torch.long)}
+        return {**out, "truncated": full - len(ids)} if truncate else out
 
     def should_drop(self, generator: torch.Generator | None = None) -> bool:
         """True with probability ``cfg_dropout`` (one draw from ``generator``)."""

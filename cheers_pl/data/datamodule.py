@@ -12,6 +12,7 @@ YAML (LightningCLI ``data:`` section)::
         mixture: sample          # or batch (one task per batch: stage IV's 1 : 1)
         batch_size: 4            # per device
         num_workers: 4
+        too_long: skip           # or truncate: samples over spec.max_length tokens
 
 The processor (tokenizer, tokens per image, CFG dropout, max length) and the image size come
 from the model being trained (its ``model.processor`` and ``model.image_size``) at ``setup``, or
@@ -49,7 +50,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from cheers_pl.components.processor import CheersProcessor
 from cheers_pl.data.mixture import MixtureDataset, TaskSource, check_mixture, stats_from_state
 from cheers_pl.data.shards import resolve_shards
-from cheers_pl.data.transforms import SampleEncoder
+from cheers_pl.data.transforms import MAX_LENGTH_CEILING, TOO_LONG_MODES, SampleEncoder
 
 log = logging.getLogger(__name__)
 # PyTorch's messages for a worker process that is gone (not for an exception raised in a worker,
@@ -281,6 +282,26 @@ class RankStatefulLoader(StatefulDataLoader):
         super().load_state_dict(state["ranks"][rank])
 
 
+def check_options(shuffle_buffer: Any, cfg_dropout: Any, too_long: Any) -> None:
+    """Raise ``ValueError`` naming the ``data.*`` key and its valid range for a bad value."""
+    if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
+        raise ValueError(
+            f"data.shuffle_buffer={shuffle_buffer!r} is not valid: samples held for shuffling per task "
+            "stream, an int >= 0 (0: no shuffling)"
+        )
+    if cfg_dropout is not None and (
+        isinstance(cfg_dropout, bool)
+        or not isinstance(cfg_dropout, (int, float))
+        or not 0.0 <= cfg_dropout <= 1.0  # NaN fails this too
+    ):
+        raise ValueError(
+            f"data.cfg_dropout={cfg_dropout!r} is not valid: a probability in [0, 1], or null "
+            "(the model spec's cfg_dropout)"
+        )
+    if too_long not in TOO_LONG_MODES:
+        raise ValueError(f"data.too_long={too_long!r} is not valid; valid choices are {list(TOO_LONG_MODES)}")
+
+
 class CheersDataModule(L.LightningDataModule):
     """Mixed-task WebDataset streaming for CHEERS training (see the module docstring).
 
@@ -294,6 +315,9 @@ class CheersDataModule(L.LightningDataModule):
         image_size: overrides the model's image size (normally taken from the model).
         cfg_dropout: overrides the model spec's CFG dropout rate.
         root: folder that relative shard specs are relative to (URLs and absolute paths ignore it).
+        too_long: what happens to a sample over ``spec.max_length`` tokens: "skip" (counted as
+            ``skipped/<task>/too_long``) or "truncate" (text after its last image is cut, counted
+            as ``repaired/truncated``; a sample whose images do not fit is still skipped).
     """
 
     def __init__(
@@ -307,9 +331,12 @@ class CheersDataModule(L.LightningDataModule):
         image_size: int | None = None,
         cfg_dropout: float | None = None,
         root: str | None = None,
+        too_long: str = "skip",
     ):
         super().__init__()
         self.root = root
+        check_options(shuffle_buffer, cfg_dropout, too_long)
+        self.too_long = too_long
         check_mixture(tasks, mixture)  # the plain YAML dicts: unknown keys are named, not a TypeError
         self.sources = {
             name: TaskSource(**cfg) if isinstance(cfg, dict) else cfg for name, cfg in tasks.items()
@@ -344,6 +371,12 @@ class CheersDataModule(L.LightningDataModule):
                     "CheersDataModule needs a processor: train a CHEERS stage, or call attach()"
                 )
             self.attach(module.processor, module.image_size)
+        if self.processor.max_length is None:
+            log.warning(
+                "spec.max_length is null: samples over %d tokens are skipped all the same (too_long); "
+                "set model.init_args.spec.max_length to the stage's token budget",
+                MAX_LENGTH_CEILING,
+            )
         self._tasks = self._resolve()
 
     def _resolve(self) -> dict[str, TaskSource]:
@@ -387,7 +420,7 @@ class CheersDataModule(L.LightningDataModule):
     def dataset(self) -> MixtureDataset:
         if self.processor is None or self.image_size is None:
             raise RuntimeError("call attach(processor, image_size) or setup() first")
-        encoder = SampleEncoder(self.processor, self.image_size, self.cfg_dropout)
+        encoder = SampleEncoder(self.processor, self.image_size, self.cfg_dropout, self.too_long)
         tasks = self._tasks if self._tasks is not None else self.sources
         return MixtureDataset(tasks, encoder, self.batch_size, self.mixture, self.seed, self.shuffle_buffer)
 

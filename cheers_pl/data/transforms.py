@@ -4,6 +4,13 @@ Per sample: every image is decoded (colour modes repaired) and preprocessed by i
 ``<image>`` -> :func:`resize_pad`, ``<image_gen>`` -> :func:`resize_crop`; the chat is tokenised
 and label-masked by the model's :class:`~cheers_pl.components.processor.CheersProcessor`, with CFG
 dropout (probability ``cfg_dropout``) on generation and edit samples.
+
+Too long: a sample over the processor's ``max_length`` (``spec.max_length``) is skipped
+(``too_long="skip"``, counted as ``too_long``) or cut to fit (``"truncate"``: text after the last
+image is dropped, counted in ``repaired`` as ``truncated``; one whose image spans do not fit is
+still skipped). With ``spec.max_length`` null, samples over :data:`MAX_LENGTH_CEILING` tokens are
+skipped all the same: one 100k-character caption would otherwise ask for a (B, 1, L, L)
+attention mask of tens of GB.
 """
 
 from __future__ import annotations
@@ -18,13 +25,31 @@ from cheers_pl.components.tokenizer import IGNORE_INDEX
 from cheers_pl.data.images import decode_image, resize_crop, resize_pad, to_tensor
 from cheers_pl.data.schema import IMAGE, TASKS, Sample, SampleError
 
+TOO_LONG_MODES = ("skip", "truncate")
+# The limit when spec.max_length is null: Qwen2.5's context (max_position_embeddings); a batch of
+# 8 such rows already needs an 8 GiB boolean attention mask.
+MAX_LENGTH_CEILING = 32768
+
 
 class SampleEncoder:
-    """``Sample`` -> ``{"input_ids" (L,), "labels" (L,), "images": [(3,S,S), ...], "id", "task"}``."""
+    """``Sample`` -> ``{"input_ids" (L,), "labels" (L,), "images": [(3,S,S), ...], "id", "task"}``.
 
-    def __init__(self, processor: CheersProcessor, image_size: int, cfg_dropout: float | None = None):
-        self.processor, self.image_size = processor, image_size
+    ``too_long``: "skip" or "truncate" (module docstring); ``repaired`` counts image colour-mode
+    repairs and truncations.
+    """
+
+    def __init__(
+        self,
+        processor: CheersProcessor,
+        image_size: int,
+        cfg_dropout: float | None = None,
+        too_long: str = "skip",
+    ):
+        if too_long not in TOO_LONG_MODES:
+            raise ValueError(f"too_long={too_long!r} is not valid; valid choices are {list(TOO_LONG_MODES)}")
+        self.processor, self.image_size, self.too_long = processor, image_size, too_long
         self.cfg_dropout = processor.cfg_dropout if cfg_dropout is None else cfg_dropout
+        self.max_length = processor.max_length or MAX_LENGTH_CEILING
         self.repaired: Counter[str] = Counter()
 
     def images(self, sample: Sample) -> list[Tensor]:
@@ -43,11 +68,19 @@ class SampleEncoder:
             torch.rand((), generator=generator) < self.cfg_dropout
         )
         try:
-            enc = self.processor.encode(sample.messages, num_images=len(images), cfg_drop=drop)
+            enc = self.processor.encode(
+                sample.messages,
+                num_images=len(images),
+                cfg_drop=drop,
+                truncate=self.too_long == "truncate",
+                max_length=self.max_length,
+            )
         except SequenceTooLongError as err:
             raise SampleError("too_long", str(err)) from None
         except ValueError as err:
             raise SampleError("bad_layout", str(err)) from None
+        if enc.pop("truncated", 0):
+            self.repaired["truncated"] += 1
         return {**enc, "images": images, "id": sample.id, "task": sample.task, "cfg_drop": drop}
 
 

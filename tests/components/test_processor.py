@@ -196,6 +196,38 @@ def test_max_length(paper):
         p.answer_prompt("How many?", num_images=5)
 
 
+def test_truncate_cuts_text_after_the_last_image_and_keeps_every_span(paper):
+    long_answer = "word " * 200
+    messages = [
+        {"role": "user", "content": f"{IMAGE}\nDescribe."},
+        {"role": "assistant", "content": long_answer},
+    ]
+    full = CheersProcessor(paper, tokens_per_image=N).encode(messages)
+    p = CheersProcessor(paper, tokens_per_image=N, max_length=40)
+    cut = p.encode(messages, num_images=1, truncate=True)
+    assert len(cut["input_ids"]) == len(cut["labels"]) == 40
+    assert cut["truncated"] == len(full["input_ids"]) - 40
+    assert cut["input_ids"].tolist() == full["input_ids"][:40].tolist()
+    assert cut["labels"].tolist() == full["labels"][:40].tolist()
+    assert (cut["input_ids"] == p.image_id).sum() == N and (cut["input_ids"] == p.im_end_id).sum() == 1
+    assert p.encode([{"role": "user", "content": "Hi"}], truncate=True)["truncated"] == 0
+
+
+def test_truncate_never_cuts_into_or_drops_an_image_span(paper):
+    p = CheersProcessor(paper, tokens_per_image=N, max_length=30)
+    generation = [{"role": "user", "content": "a " * 100}, {"role": "assistant", "content": IMAGE_GEN}]
+    with pytest.raises(SequenceTooLongError, match="image span ends at token"):
+        p.encode(generation, num_images=1, truncate=True)  # the image comes after the long prompt
+    with pytest.raises(SequenceTooLongError, match="max_length=30"):
+        p.encode([{"role": "user", "content": IMAGE * 5}], num_images=5, truncate=True)
+
+
+def test_a_per_call_max_length_overrides_the_processor_s(paper):
+    p = CheersProcessor(paper, tokens_per_image=N)  # no limit of its own
+    with pytest.raises(SequenceTooLongError, match="max_length=10"):
+        p.encode([{"role": "user", "content": "word " * 50}], max_length=10)
+
+
 @pytest.mark.parametrize("bad", [0, -3, 1.5, True, "256"])
 def test_tokens_per_image_must_be_positive_int(paper, bad):
     with pytest.raises(ValueError, match="tokens_per_image"):

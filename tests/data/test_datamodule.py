@@ -154,6 +154,42 @@ def test_too_long_samples_are_skipped_and_an_all_unusable_task_stops_with_a_mess
         take(dm.train_dataloader(), 1)
 
 
+def test_too_long_truncate_cuts_text_after_the_image_and_still_skips_what_cannot_fit(model, tmp_path):
+    caption = sample("understanding", 1)
+    caption.messages[1]["content"] = "word " * 300
+    prompt = sample("generation", 2)
+    prompt.messages[0]["content"] = "word " * 300  # its image comes after the long prompt
+    rows = [caption, prompt, sample("understanding", 3), sample("understanding", 4)]
+    path = write_raw(tmp_path / "mixed.tar", [raw_members(s) for s in rows])
+    proc = CheersProcessor(model.processor.tokenizer, model.tokens_per_image, max_length=80)
+    dm = CheersDataModule(
+        {"understanding": {"shards": [path]}}, batch_size=3, shuffle_buffer=0, too_long="truncate"
+    )
+    dm.attach(proc, model.image_size).setup()
+    batch = take(dm.train_dataloader(), 1)[0]
+    assert batch["ids"] == ["understanding-0001", "understanding-0003", "understanding-0004"]
+    assert batch["input_ids"].shape[1] == 80 and batch["images"].shape[0] == 3
+    assert (batch["input_ids"] == proc.image_id).sum() == 3 * model.tokens_per_image
+    stats = dm.data_stats()
+    assert stats["repaired/truncated"] == 1 and stats["skipped/understanding/too_long"] == 1
+    assert torch.isfinite(model(batch).loss)
+
+
+def test_a_null_max_length_still_skips_a_100k_character_sample(model, tmp_path, caplog):
+    long = sample("text", 9)
+    long.messages[1]["content"] = "lorem ipsum " * 8400  # 100k characters: > MAX_LENGTH_CEILING tokens
+    path = write_raw(
+        tmp_path / "text.tar", [raw_members(long), *(raw_members(sample("text", i)) for i in range(2))]
+    )
+    assert model.processor.max_length is None
+    dm = CheersDataModule({"text": {"shards": [path]}}, batch_size=2, shuffle_buffer=0)
+    with caplog.at_level("WARNING"):
+        dm.attach(model.processor, model.image_size).setup()
+    assert "spec.max_length is null" in caplog.text
+    assert take(dm.train_dataloader(), 1)[0]["ids"] == ["text-0000", "text-0001"]
+    assert dm.data_stats()["skipped/text/too_long"] == 1
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("cut", [1, 7])
 def test_resume_sees_exactly_the_next_samples(model, shards, workers, cut):
@@ -194,6 +230,12 @@ def test_state_for_another_world_size_is_refused(model, shards):
             r"valid choices are \['sample', 'batch'\]",
         ),
         ({"text": {"shards": ["x.tar"]}}, {"batch_size": 0}, "batch_size=0"),
+        ({"text": {"shards": ["x.tar"]}}, {"cfg_dropout": 2.0}, r"data.cfg_dropout=2.0 .*in \[0, 1\]"),
+        ({"text": {"shards": ["x.tar"]}}, {"cfg_dropout": -0.1}, r"data.cfg_dropout=-0.1 .*in \[0, 1\]"),
+        ({"text": {"shards": ["x.tar"]}}, {"cfg_dropout": float("nan")}, r"data.cfg_dropout=nan"),
+        ({"text": {"shards": ["x.tar"]}}, {"shuffle_buffer": -5}, r"data.shuffle_buffer=-5 .*int >= 0"),
+        ({"text": {"shards": ["x.tar"]}}, {"shuffle_buffer": 2.5}, r"data.shuffle_buffer=2.5 .*int >= 0"),
+        ({"text": {"shards": ["x.tar"]}}, {"too_long": "cut"}, r"valid choices are \['skip', 'truncate'\]"),
     ],
 )
 def test_bad_configs_fail_at_construction(tasks, kw, message):
