@@ -248,7 +248,8 @@ class MixtureDataset(IterableDataset):
 def stats_from_state(state: object) -> dict[str, int]:
     """Sum the counters of every dataset state found in ``state`` (a loader's, any nesting):
     ``skipped/<task>/<reason>``, ``repaired/<note>``, the stream faults ``shard_error/<task>``,
-    ``missing_shard/<task>``, ``truncated_shard/<task>`` (per read attempt), ``lost_buffered/<task>``,
+    ``missing_shard/<task>``, ``truncated_shard/<task>`` (per read attempt), ``duplicate_key/<task>``
+    (samples repeating an earlier key of their shard, skipped), ``lost_buffered/<task>``,
     ``shard_list_changed/<task>``, and ``dropped_task/<task>`` (workers that dropped the task)."""
     out: Counter[str] = Counter()
     if isinstance(state, dict):

@@ -14,7 +14,12 @@ A shard that cannot be read to its end raises a :class:`ShardError` whose ``kind
   end-of-archive marker (junk, or two tars concatenated: the second would be silently lost).
 
 Every sample read before the break is still yielded, including the one the break cut short
-(its missing members then fail schema validation and are counted there). Python's tar reader
+(its missing members then fail schema validation and are counted there).
+
+A key seen earlier in the same shard (members of one sample split apart, or a shard that holds
+a sample twice) would train that sample twice: such a repeat keeps its ``__index__`` but is not
+yielded as a sample; with ``mark_duplicates`` it is yielded as ``{"__duplicate__": True, ...}``
+so the caller can count it. Python's tar reader
 stops silently at a damaged header in mid-archive; this reader raises instead, so the samples
 lost behind it are never lost without a count.
 """
@@ -164,13 +169,15 @@ def _close(url: str, stream) -> None:
         log.warning("shard %s: closing failed: %s: %s", url, type(err).__name__, err)
 
 
-def read_shard(url: str, start: int = 0) -> Iterator[dict]:
+def read_shard(url: str, start: int = 0, mark_duplicates: bool = False) -> Iterator[dict]:
     """Raw samples of one shard from sample index ``start`` on; raises :class:`ShardError`.
 
     Samples before ``start`` are skipped without being decoded (only their bytes are read). A
     sample is the run of consecutive members sharing a key (a repeated suffix starts a new one).
-    When the shard breaks off, the samples before the break, the last one included, are
-    yielded first; the error then says how many samples were read.
+    A sample whose key an earlier sample of this shard had is dropped with a warning, or, with
+    ``mark_duplicates``, yielded as ``{"__key__", "__url__", "__index__", "__duplicate__": True}``
+    (no members). When the shard breaks off, the samples before the break, the last one
+    included, are yielded first; the error then says how many samples were read.
     """
     try:
         stream = gopen(url, "rb")
@@ -179,6 +186,22 @@ def read_shard(url: str, start: int = 0) -> Iterator[dict]:
     except Exception as err:  # noqa: BLE001 - any opener failure is a shard error
         raise ShardError(url, 0, err) from err
     index, current, failure = 0, None, None
+    seen: set[str] = set()
+
+    def finished(sample: dict, index: int) -> dict | None:
+        """``sample`` as yielded (None: not at all), remembering its key."""
+        key = sample["__key__"]
+        repeated = key in seen
+        seen.add(key)
+        if index < start:
+            return None
+        if not repeated:
+            return {**sample, "__index__": index}
+        if mark_duplicates:
+            return {"__key__": key, "__url__": url, "__index__": index, "__duplicate__": True}
+        log.warning("shard %s: sample %d repeats the key %r of an earlier sample: skipped", url, index, key)
+        return None
+
     try:
         try:
             for name, data in _members(stream):
@@ -187,8 +210,8 @@ def read_shard(url: str, start: int = 0) -> Iterator[dict]:
                     continue
                 key, suffix = split
                 if current is not None and (key != current["__key__"] or suffix in current):
-                    if index >= start:
-                        yield {**current, "__index__": index}
+                    if (out := finished(current, index)) is not None:
+                        yield out
                     index, current = index + 1, None
                 if current is None:
                     current = {"__key__": key, "__url__": url}
@@ -196,8 +219,8 @@ def read_shard(url: str, start: int = 0) -> Iterator[dict]:
         except Exception as err:  # noqa: BLE001 - whatever the bytes make the tar reader raise
             failure = err
         if current is not None:
-            if index >= start:
-                yield {**current, "__index__": index}
+            if (out := finished(current, index)) is not None:
+                yield out
             index += 1
         if failure is not None:
             if isinstance(failure, FileNotFoundError):

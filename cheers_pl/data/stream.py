@@ -16,8 +16,10 @@ Faults: the shard list is the one given at the start; a shard that has disappear
 counted (``missing_shard``) each time its turn comes, one that ends early keeps the samples read
 before the cut (``truncated_shard``) and any other unreadable one is counted as ``shard_error``
 (see :mod:`cheers_pl.data.shards`); each is logged with its URL and the stream moves on to the
-next shard. A slot that gets no sample at all in two epochs in a row raises
-:class:`EmptyStreamError`, with what happened to every shard, instead of looping for ever.
+next shard. A sample whose key an earlier sample of the same shard had is skipped and counted
+(``duplicate_key``; it would otherwise train twice). A slot that gets no sample at all in two
+epochs in a row raises :class:`EmptyStreamError`, with what happened to every shard, instead
+of looping for ever.
 
 On resume, buffered samples whose shard has since disappeared or been cut cannot be re-read:
 they are counted (``lost_buffered``) and the stream goes on without them. A shard list that
@@ -119,9 +121,25 @@ class TaskStream:
         return urls, self.slot.count
 
     def _read(self, url: str, start: int, stride: int) -> Iterator[dict]:
-        for raw in read_shard(url, start):
+        """This slot's raw samples of ``url`` from index ``start``, repeated keys included (marked)."""
+        for raw in read_shard(url, start, mark_duplicates=True):
             if stride == 1 or raw["__index__"] % stride == self.slot.index:
                 yield raw
+
+    def _duplicate(self, raw: dict) -> None:
+        """Count a sample that repeats an earlier key of its shard (a warning the first time per shard)."""
+        self.stats["duplicate_key"] += 1
+        first = (raw["__url__"], "duplicate_key") not in self._warned
+        self._warned.add((raw["__url__"], "duplicate_key"))
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "task %s: shard %s: sample %d repeats the key %r of an earlier sample of the shard: skipping "
+            "it (it would train twice) [duplicate_key]",
+            self.name,
+            raw["__url__"],
+            raw["__index__"],
+            raw["__key__"],
+        )
 
     def _fault(self, err: ShardError) -> None:
         """Count a shard fault by kind and log it (a warning the first time per shard and kind)."""
@@ -161,6 +179,9 @@ class TaskStream:
                     try:
                         for raw in self._read(url, self.offset, stride):
                             self.offset = raw["__index__"] + 1
+                            if raw.get("__duplicate__"):
+                                self._duplicate(raw)
+                                continue
                             self.produced = True
                             ref = (self.epoch, self.position, raw["__index__"])
                             if self.buffer_size <= 1:

@@ -350,3 +350,40 @@ def test_resume_at_every_point_of_short_epochs_is_exact(tmp_path, buffer):
         resumed = TaskStream("t", paths, Slot(), 1, buffer)
         resumed.load_state_dict(first.state_dict())
         assert head + ids(itertools.islice(resumed, 40 - cut)) == reference, cut
+
+
+# -- a key that comes back later in its shard ----------------------------------------------------------
+def test_a_non_adjacent_repeated_key_is_skipped_and_counted_per_shard(tmp_path, caplog):
+    from tests.data.shardkit import raw_members, write_raw
+
+    a, b, c = (raw_members(sample("generation", i)) for i in range(3))
+    first = write_raw(tmp_path / "first.tar", [a, b, a, c, b])  # a and b come back
+    second = write_raw(tmp_path / "second.tar", [a, c])  # another shard may hold the same keys
+    assert ids(read_shard(first)) == names("generation", [0, 1, 2])
+    stream = TaskStream("gen", [first, second], Slot(), 0, 0, shuffle_shards=False)
+    with caplog.at_level("WARNING"):
+        got = ids(itertools.islice(iter(stream), 5))
+    assert got == names("generation", [0, 1, 2, 0, 2])
+    assert stream.stats["duplicate_key"] == 2
+    assert "repeats the key" in caplog.text and "first.tar" in caplog.text
+    marked = [r for r in read_shard(first, start=3, mark_duplicates=True)]
+    assert [(r["__index__"], r.get("__duplicate__", False)) for r in marked] == [(3, False), (4, True)]
+
+
+def test_repeated_keys_reach_data_stats_and_resume_without_recounting(model, tmp_path):
+    from tests.data.shardkit import raw_members, write_raw
+
+    rows = [raw_members(sample("text", i)) for i in range(6)]
+    path = write_raw(tmp_path / "t.tar", [*rows, rows[1], rows[4]])
+    dm = make(model, {"text": (path, 1)}, batch_size=3, shuffle_buffer=0)
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    for _ in range(3):  # 6 unique samples, then the two repeats, then the next epoch
+        next(it)
+        loader.consumed()
+    assert dm.data_stats()["duplicate_key/text"] == 2
+    state = dm.state_dict()
+    again = make(model, {"text": (path, 1)}, batch_size=3, shuffle_buffer=0)
+    again.load_state_dict(state)
+    next(iter(again.train_dataloader()))
+    assert again.data_stats()["duplicate_key/text"] == 2
