@@ -16,7 +16,6 @@ minutes, T2I prompt-following >= 80% and held-out digit reading >= 90% (README: 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -177,13 +176,20 @@ def run_demo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cheers demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--data", default="data/demo")
-    parser.add_argument("--stage1-steps", type=int, default=STAGE1_STEPS)
-    parser.add_argument("--stage2-steps", type=int, default=STAGE2_STEPS)
-    parser.add_argument("--vae-steps", type=int, default=VAE_STEPS)
-    parser.add_argument("--preview-every", type=int, default=PREVIEW_EVERY)
+    from cheers_pl.cli_help import make_parser
+
+    parser = make_parser("cheers demo", __doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/demo", help="run folder: checkpoints, TensorBoard logs, eval")
+    parser.add_argument("--data", default="data/demo", help="the demo shards (built here when missing)")
+    parser.add_argument("--stage1-steps", type=int, default=STAGE1_STEPS, help="stage I optimiser steps")
+    parser.add_argument("--stage2-steps", type=int, default=STAGE2_STEPS, help="stage II optimiser steps")
+    parser.add_argument("--vae-steps", type=int, default=VAE_STEPS, help="fit steps of the demo VAE (cached)")
+    parser.add_argument(
+        "--preview-every",
+        type=int,
+        default=PREVIEW_EVERY,
+        help="steps between checkpoints, previews and sensitivities (the judged eval: twice that)",
+    )
     a = parser.parse_args(argv)
     run_demo(a.out, a.data, a.stage1_steps, a.stage2_steps, a.vae_steps, a.preview_every)
     return 0

@@ -351,7 +351,9 @@ def _inside(value: float, lo: float, hi: float, lo_open: bool, hi_open: bool) ->
 
 
 def _parser(command: str, doc: str, items: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"cheers {command}", description=doc)
+    from cheers_pl.cli_help import make_parser
+
+    parser = make_parser(f"cheers {command}", doc)
     parser.add_argument("--model", required=True, help="a stage .ckpt, an exported or a converted folder")
     parser.add_argument("--jsonl", help=f"batch input, one JSON object per line: {items}")
     parser.add_argument(
@@ -377,7 +379,12 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shift", type=number(float, 0, 100, lo_open=True), default=0.5, help="time shift a, in (0, 100]"
     )
-    parser.add_argument("--last-dt", choices=flow.LAST_DT_MODES, default="released", help="last Euler step")
+    parser.add_argument(
+        "--last-dt",
+        choices=flow.LAST_DT_MODES,
+        default="released",
+        help="released: the last Euler step is 1/N; exact: the steps end at t=1",
+    )
 
 
 def _items(parser, args, single: dict[str, Any]) -> list[Item]:
@@ -508,13 +515,22 @@ def main_answer(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--image", help="an image file")
     parser.add_argument("--question", help="the question")
-    parser.add_argument("--max-new-tokens", type=number(int, 1, 65536), default=64, help="1 to 65536")
+    parser.add_argument(
+        "--max-new-tokens", type=number(int, 1, 65536), default=64, help="most tokens to generate, 1 to 65536"
+    )
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument(
-        "--temperature", type=number(float, 0, 100, lo_open=True), default=0.7, help="(0, 100]"
+        "--temperature",
+        type=number(float, 0, 100, lo_open=True),
+        default=0.7,
+        help="sampling temperature (--sample), in (0, 100]",
     )
-    parser.add_argument("--top-k", type=number(int, 0, 1 << 30), default=20, help="0: off")
-    parser.add_argument("--top-p", type=number(float, 0, 1, lo_open=True), default=0.8, help="(0, 1]")
+    parser.add_argument(
+        "--top-k", type=number(int, 0, 1 << 30), default=20, help="top-k of --sample (0: off)"
+    )
+    parser.add_argument(
+        "--top-p", type=number(float, 0, 1, lo_open=True), default=0.8, help="top-p of --sample, in (0, 1]"
+    )
     args = parser.parse_args(argv)
     items = _items(parser, args, {"image": args.image, "question": args.question})
     out = _prepare_out(parser, args, [*OLD_RUN, "answers.jsonl"])

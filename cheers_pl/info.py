@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
+from cheers_pl.cli_help import make_parser
 
 
 def main_flavors(argv: list[str] | None = None) -> int:
     """Print every component kind and its flavors."""
-    argparse.ArgumentParser(prog="cheers flavors", description="list component kinds and flavors").parse_args(
-        argv
-    )
+    make_parser("cheers flavors", "list component kinds and flavors").parse_args(argv)
     from cheers_pl import registry
 
     for kind in registry.kinds():
@@ -20,10 +18,20 @@ def main_flavors(argv: list[str] | None = None) -> int:
 
 def main_info(argv: list[str] | None = None) -> int:
     """Resolve a preset spec, build it on the meta device (no memory) and print its sizes."""
-    parser = argparse.ArgumentParser(prog="cheers info", description=main_info.__doc__)
-    parser.add_argument("--preset", choices=["tiny", "paper"], default="paper")
-    parser.add_argument("--hfi", choices=["gated", "none"], default="gated")
-    parser.add_argument("--pixel-reconstruct", choices=["decode", "latent"], default="decode")
+    parser = make_parser("cheers info", main_info.__doc__)
+    parser.add_argument("--preset", choices=["tiny", "paper"], default="paper", help="the spec preset")
+    parser.add_argument(
+        "--hfi",
+        choices=["gated", "none"],
+        default="gated",
+        help="high-frequency injection: gated (paper) or none (ablation)",
+    )
+    parser.add_argument(
+        "--pixel-reconstruct",
+        choices=["decode", "latent"],
+        default="decode",
+        help="decode: z_t -> VAE decoder -> SigLIP (the paper); latent: TUNA-style ablation",
+    )
     args = parser.parse_args(argv)
     import torch
 

@@ -23,7 +23,6 @@ exists is skipped; one with a ``last.ckpt`` resumes from it (``--ckpt_path``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -341,15 +340,19 @@ def run_tables(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cheers paper-tables", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/paper_tables")
-    parser.add_argument("--data", default="data/demo")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--stage1-steps", type=int, default=200)
-    parser.add_argument("--stage2-steps", type=int, default=2000)
+    from cheers_pl.cli_help import make_parser
+
+    parser = make_parser("cheers paper-tables", __doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/paper_tables", help="folder of the runs and tables.md/json")
+    parser.add_argument("--data", default="data/demo", help="the demo shards (built here when missing)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per row (0, 1, ...)")
+    parser.add_argument("--stage1-steps", type=int, default=200, help="stage I optimiser steps per run")
+    parser.add_argument("--stage2-steps", type=int, default=2000, help="stage II optimiser steps per run")
     parser.add_argument("--per-digit", type=int, default=10, help="T2I images per digit and run")
     parser.add_argument("--curve-steps", type=int, default=20, help="denoising steps of Figure 5b")
-    parser.add_argument("--rows", nargs="+", choices=[r.name for r in ROWS], default=None)
+    parser.add_argument(
+        "--rows", nargs="+", choices=[r.name for r in ROWS], default=None, help="only these (default: all)"
+    )
     parser.add_argument("--vae-steps", type=int, default=400, help="fit steps of the demo VAE (cached)")
     a = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny models: see tests/conftest.py

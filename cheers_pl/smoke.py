@@ -93,13 +93,17 @@ def run_smoke(steps: int = 2, seed: int = 0, out: str | None = None) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     """``cheers smoke``: tiny model on CPU, train steps, generate, answer."""
-    import argparse
+    from cheers_pl.cli_help import make_parser
 
-    parser = argparse.ArgumentParser(prog="cheers smoke", description=main.__doc__)
+    parser = make_parser("cheers smoke", main.__doc__)
     parser.add_argument("--steps", type=int, default=2, help="optimiser steps on one fixed batch")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model, the batch and the sampling")
     parser.add_argument("--out", default=None, help="write the generated image as PNG here")
     args = parser.parse_args(argv)
-    for key, value in run_smoke(steps=args.steps, seed=args.seed, out=args.out).items():
-        print(f"{key}: {value}")
+    result = run_smoke(steps=args.steps, seed=args.seed, out=args.out)
+    print(f"losses (total loss after each of {len(result['losses'])} steps): {result['losses']}")
+    saved = f"written to {args.out}" if args.out else "not saved (--out FILE.png saves it)"
+    print(f"image (N, C, H, W): {result['image']}, 4 Euler steps; {saved}")
+    print(f"answer (random tiny model, expect noise): {result['answer']}")
+    print(f"seconds (build, train, generate, answer): {result['seconds']}")
     return 0

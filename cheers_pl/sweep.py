@@ -15,7 +15,6 @@ training-time gate statistics; and the CLIP score of images sampled from fixed p
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -163,14 +162,23 @@ def write_table(rows: list[dict], out: Path, heldout: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cheers sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", default=str(EXPERIMENTS / "stage2_pretrain.yaml"), help="the stage YAML")
-    ablations = sorted(str(p) for p in (EXPERIMENTS / "ablations").glob("*.yaml"))
-    parser.add_argument("--overlays", nargs="+", default=["base", *ablations], help="YAMLs; 'base': none")
-    parser.add_argument("--out", default="runs/sweep")
-    parser.add_argument("--preset", choices=["tiny", "paper"], default="tiny")
+    from cheers_pl.cli_help import make_parser
+
+    parser = make_parser("cheers sweep", __doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--base", default=str(EXPERIMENTS / "stage2_pretrain.yaml"), help="the stage YAML the overlays modify"
+    )
+    parser.add_argument(
+        "--overlays",
+        nargs="+",
+        default=None,
+        help="overlay YAMLs, one run each; 'base': the base alone (default: base and every "
+        "experiments/ablations/*.yaml)",
+    )
+    parser.add_argument("--out", default="runs/sweep", help="folder of the runs and results.md")
+    parser.add_argument("--preset", choices=["tiny", "paper"], default="tiny", help="model sizes")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of every run")
     parser.add_argument("--data-root", default=None, help="the stage's data root (tiny: data/demo)")
     parser.add_argument("--heldout", default=None, help="generation shards for the held-out FM loss")
     parser.add_argument("--clip", default=None, help="a local open_clip folder for the CLIP score column")
@@ -178,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         "--vae", default=None, help="a diffusers VAE folder for every run (e.g. runs/demo/vae)"
     )
     a = parser.parse_args(argv)
+    if a.overlays is None:
+        a.overlays = ["base", *sorted(str(p) for p in (EXPERIMENTS / "ablations").glob("*.yaml"))]
     if a.preset == "tiny":
         torch.set_num_threads(1)  # see tests/conftest.py
     run_sweep(a.base, a.overlays, a.out, a.preset, a.steps, a.seed, a.data_root, a.heldout, a.clip, a.vae)

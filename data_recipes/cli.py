@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 
+from cheers_pl.cli_help import HelpFormatter, make_parser
 from data_recipes import captions, demo, imagefolder, llava, text
 from data_recipes.common import run_and_print
 
@@ -21,15 +22,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register every recipe as a subcommand whose ``func(args)`` runs it and prints a summary."""
     for name, (module, help_line) in RECIPES.items():
         description = (module.__doc__ or "").split("\n\n")[0]
-        parser = subparsers.add_parser(name, help=help_line, description=description)
+        parser = subparsers.add_parser(
+            name, help=help_line, description=description, formatter_class=HelpFormatter
+        )
         module.add_arguments(parser)
         parser.set_defaults(func=functools.partial(run_and_print, module.run))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m data_recipes`` parser."""
-    parser = argparse.ArgumentParser(prog="python -m data_recipes", description=__doc__)
-    add_commands(parser.add_subparsers(dest="recipe", metavar="RECIPE"))
+    """The ``cheers data`` parser (also ``python -m data_recipes``)."""
+    parser = make_parser("cheers data", __doc__)
+    add_commands(parser.add_subparsers(dest="recipe", metavar="RECIPE", help="the recipe to run"))
     return parser
 
 

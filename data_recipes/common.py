@@ -232,6 +232,8 @@ def recipe_main(
 ) -> int:
     """``main`` of a recipe module: parse ``argv`` with its ``add_arguments``, run it, print the summary."""
     description = (doc or "").split("\n\n")[0]
-    parser = argparse.ArgumentParser(prog=f"python -m data_recipes.{name}", description=description)
+    from cheers_pl.cli_help import make_parser
+
+    parser = make_parser(f"cheers data {name}", description)
     add_arguments(parser)
     return run_and_print(run, parser.parse_args(argv))

@@ -26,7 +26,6 @@ of a ``checkpoints/*.ckpt`` (``runs/demo/stage2/eval``), else ``MODEL_PARENT/eva
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -307,7 +306,9 @@ def evaluate_demo(model_path: str | Path, data: str | Path = DEFAULT_DATA, out: 
 
 def main(argv: list[str] | None = None) -> int:
     """``cheers eval demo``: the eval table of a demo checkpoint."""
-    parser = argparse.ArgumentParser(prog="cheers eval demo", description=__doc__.split("\n\n")[0])
+    from cheers_pl.cli_help import make_parser
+
+    parser = make_parser("cheers eval demo", __doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a stage .ckpt, an exported or a converted folder")
     parser.add_argument("--data", default=DEFAULT_DATA, help="the demo data folder (cheers data demo --out)")
     parser.add_argument("--out", default=None, help="report folder (default: the run's eval/)")
@@ -316,12 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg", dest="cfg_scale", type=float, default=d.cfg_scale, help="CFG scale")
     parser.add_argument("--steps", type=int, default=d.steps, help="Euler steps")
     parser.add_argument("--shift", type=float, default=d.shift, help="time shift of the schedule")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    parser.add_argument("--max-reading", type=int, default=None, help="questions of each kind (default all)")
-    parser.add_argument("--max-loss-samples", type=int, default=None, help="samples per loss (default all)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the generated images")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per forward pass")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=d.max_new_tokens, help="most tokens of a reading answer"
+    )
+    parser.add_argument("--max-reading", type=int, default=None, help="questions of each kind (default: all)")
+    parser.add_argument("--max-loss-samples", type=int, default=None, help="samples per loss (default: all)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
     a = parser.parse_args(argv)
     try:
         settings = EvalSettings(a.per_digit, a.cfg_scale, a.steps, a.shift, a.seed, a.batch_size,

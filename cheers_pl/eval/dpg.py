@@ -22,7 +22,6 @@ shift a=0.5, 4 images per prompt.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import hashlib
 import os
@@ -189,9 +188,11 @@ def run_dpg(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="cheers-dpg",
-        description="Generate DPG-Bench grids (OUT/<id>.png, 2x2 samples of the model's resolution) for "
+    from cheers_pl.cli_help import make_parser
+
+    parser = make_parser(
+        "cheers dpg",
+        "Generate DPG-Bench grids (OUT/<id>.png, 2x2 samples of the model's resolution) for "
         "compute_dpg_bench.py. Defaults are the released settings: s=9.5, N=250, a=0.5, 4 per prompt.",
     )
     parser.add_argument(

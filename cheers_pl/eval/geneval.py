@@ -246,12 +246,12 @@ def load_model(path: str, device: str | None):
 def add_sampling_args(parser: argparse.ArgumentParser, steps: int, shift: float) -> None:
     parser.add_argument("--model", required=True, metavar="PATH", help="checkpoint / export to load")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--images-per-prompt", type=int, default=4, help="samples per prompt (default 4)")
-    parser.add_argument("--cfg-scale", type=float, default=9.5, help="CFG scale s (default 9.5)")
-    parser.add_argument("--steps", type=int, default=steps, help=f"Euler steps N (default {steps})")
-    parser.add_argument("--shift", type=float, default=shift, help=f"time shift a (default {shift})")
-    parser.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
-    parser.add_argument("--batch-size", type=int, default=4, help="samples per generate call (default 4)")
+    parser.add_argument("--images-per-prompt", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--cfg-scale", type=float, default=9.5, help="CFG scale s")
+    parser.add_argument("--steps", type=int, default=steps, help="Euler steps N")
+    parser.add_argument("--shift", type=float, default=shift, help="time shift a")
+    parser.add_argument("--seed", type=int, default=0, help="run seed")
+    parser.add_argument("--batch-size", type=int, default=4, help="samples per generate call")
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     parser.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -405,9 +405,11 @@ def run_geneval(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="cheers-geneval",
-        description="Generate GenEval's sample folders (OUT/<index:05d>/metadata.jsonl and "
+    from cheers_pl.cli_help import make_parser
+
+    parser = make_parser(
+        "cheers geneval",
+        "Generate GenEval's sample folders (OUT/<index:05d>/metadata.jsonl and "
         "samples/<k:04d>.png) for its evaluate_images.py. Defaults are the released settings: "
         "s=9.5, N=80, a=1.0, 4 per prompt.",
     )

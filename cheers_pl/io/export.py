@@ -25,7 +25,6 @@ mis-shaped one is a ``ValueError`` that names them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -412,16 +411,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 # -- command ----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """``cheers export MODEL --out DIR``: any model format -> a self-contained exported folder."""
-    parser = argparse.ArgumentParser(
-        prog="cheers export",
-        description="Export a model (stage .ckpt, exported or converted folder) "
+    from cheers_pl.cli_help import make_parser
+
+    parser = make_parser(
+        "cheers export",
+        "Export a model (stage .ckpt, exported or converted folder) "
         "as a self-contained Hugging-Face-style folder: config.json, safetensors shards, tokenizer/.",
     )
     parser.add_argument("model", metavar="CKPT", help="a stage .ckpt, an exported or a converted folder")
     parser.add_argument("--out", required=True, help="the folder to write")
-    parser.add_argument(
-        "--max-shard-size", default="2GB", help="largest shard, e.g. 2GB, 500MB (default 2GB)"
-    )
+    parser.add_argument("--max-shard-size", default="2GB", help="largest shard, e.g. 2GB, 500MB")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     args = parser.parse_args(argv)
     try:

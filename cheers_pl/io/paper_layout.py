@@ -96,11 +96,13 @@ def prepare(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cheers prepare",
-        description="Check the three downloaded component releases and write the folders the stage "
+    from cheers_pl.cli_help import make_parser
+
+    parser = make_parser(
+        "cheers prepare",
+        "Check the three downloaded component releases and write the folders the stage "
         "YAMLs read:\n" + layout_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        raw_description=True,
     )
     parser.add_argument(
         "--siglip", required=True, help="the downloaded google/siglip2-so400m-patch16-512 folder"
@@ -111,9 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="FLUX.2's ae.safetensors (BFL names) or a diffusers AutoencoderKLFlux2 folder",
     )
-    parser.add_argument(
-        "--out", default="checkpoints", help="where to write the three folders (default: %(default)s)"
-    )
+    parser.add_argument("--out", default="checkpoints", help="where to write the three folders")
     parser.add_argument(
         "--vae-config", default=None, help="an AutoencoderKLFlux2 config.json (default: FLUX.2's own sizes)"
     )

@@ -427,9 +427,11 @@ def write_released_folder(model_path: str | Path, out: str | Path, config: Mappi
 # ---------------------------------------------------------------------------------------------
 # CLI
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cheers convert",
-        description="Convert the released Cheers checkpoint (SRC: config.json + safetensors shards) into "
+    from cheers_pl.cli_help import make_parser
+
+    parser = make_parser(
+        "cheers convert",
+        "Convert the released Cheers checkpoint (SRC: config.json + safetensors shards) into "
         "kit weights, and/or the SigLIP2 / Qwen2.5 / FLUX.2-VAE releases into stage-I folders.",
     )
     parser.add_argument("src", nargs="?", help="released Cheers folder")
@@ -441,7 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
         "folder at --out; a model that is no converted folder needs --released-config",
     )
     parser.add_argument("--released-config", help="the config.json to write with --to-released")
-    parser.add_argument("--dtype", default="keep", choices=["keep", "bfloat16", "float32"])
+    parser.add_argument(
+        "--dtype",
+        default="keep",
+        choices=["keep", "bfloat16", "float32"],
+        help="dtype of the written weights (keep: the released one)",
+    )
     parser.add_argument("--allow-leftovers", action="store_true", help="report leftovers instead of failing")
     parser.add_argument("--siglip", help="SigLIP2 checkpoint folder -> OUT/siglip")
     parser.add_argument("--qwen", help="Qwen2.5 folder -> OUT/qwen")
