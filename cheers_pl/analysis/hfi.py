@@ -22,11 +22,13 @@ Conventions used throughout:
     maps to 0;
   - ``"none"``: ``v`` unchanged (the curve is then the plain mean intensity).
 
-* **display normalisation.** Heat-map figures rescale ``|g|`` jointly over all shown steps of one
-  sample with min-max (``(a - min) / (max - min)``, constant -> 0), so that colours are comparable
-  across steps; :func:`save_gate_maps` does the same jointly over all steps of each sample.
+* **display scale.** Pictures show ``|g|`` on an absolute scale from 0 (no injection): heat-map
+  figures map ``[0, vmax]`` to the colormap, ``vmax`` fixed or the largest ``|g|`` of the figure,
+  with a colour bar printed beside the maps (never blended over the image); :func:`save_gate_maps`
+  writes ``|g| / max |g|`` of each sample over all its steps. (A min-max stretch would turn a 1%
+  spatial difference into the full colour range.)
 
-matplotlib is imported lazily, inside the two functions that draw with it.
+matplotlib is imported lazily, inside the functions that draw with it.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cheers_pl.analysis.figures import FONT_SIZE, PAD, beside, colour_bar, labelled_grid, to_side
+
 NORMALISE_MODES = ("minmax", "max", "none")
-FIGURE_PADDING = 2
 MIN_SAVED_SIDE = 64
 
 
@@ -114,11 +117,6 @@ def evenly_spaced_steps(steps: int, n: int = 5) -> list[int]:
 
 
 # -- heat-map figure --------------------------------------------------------------------------
-def _minmax(a: Tensor) -> Tensor:
-    lo, hi = a.min(), a.max()
-    return (a - lo) / (hi - lo) if hi > lo else torch.zeros_like(a)
-
-
 def _colorize(maps: Tensor, cmap: str) -> Tensor:
     """maps (..., H, W) in [0, 1] -> (..., 3, H, W) RGB float through a matplotlib colormap."""
     from matplotlib import colormaps
@@ -127,128 +125,116 @@ def _colorize(maps: Tensor, cmap: str) -> Tensor:
     return torch.from_numpy(rgba[..., :3]).float().movedim(-1, -3)
 
 
-def _resize(x: Tensor, size: tuple[int, int], mode: str) -> Tensor:
-    """x (N, C, h, w) -> (N, C, *size)."""
-    if tuple(x.shape[-2:]) == size:
-        return x
-    if mode == "nearest":
-        return F.interpolate(x, size=size, mode="nearest")
-    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
-
-
-def _title_strip(texts: Sequence[str], width: int, height: int, panel_w: int, pad: int) -> Tensor:
-    """(3, height, width) white strip with ``texts[i]`` in black above panel ``i``, clipped to it."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    strip, font = Image.new("RGB", (width, height), (255, 255, 255)), ImageFont.load_default()
-    for i, text in enumerate(texts):
-        cell = Image.new("RGB", (panel_w, height), (255, 255, 255))
-        ImageDraw.Draw(cell).text((1, 1), text, fill=(0, 0, 0), font=font)
-        strip.paste(cell, (pad + i * (panel_w + pad), 0))
-    pixels = torch.frombuffer(bytearray(strip.tobytes()), dtype=torch.uint8).view(height, width, 3)
-    return pixels.permute(2, 0, 1).float() / 255.0
-
-
-def heatmap_figure(
-    image: Tensor,
-    gates: Tensor,
-    steps_to_show: Sequence[int],
-    overlay_alpha: float = 0.5,
-    *,
-    t: Tensor | Sequence[float] | None = None,
-    titles: bool = True,
-    cmap: str = "viridis",
-    interpolation: str = "nearest",
-    panel_side: int | None = None,
-) -> Tensor:
-    """Figure 5a for one sample: the image, then the HFI map of each chosen step over it.
-
-    Args:
-        image: (3, H, W) float in [0, 1], the generated image.
-        gates: (steps, S, S), this sample's gate maps (``GenerationOutput.gates[:, b]``).
-        steps_to_show: step indices (negative ones count from the end, as in Python).
-        overlay_alpha: panel = (1 - alpha) * image + alpha * colormap(map); 0 shows the image only,
-            1 the colour map only.
-        t: (steps,) the sampling grid; when given, titles read ``"step <i> t=<t_i>"``.
-        titles: draw a title strip above the panels (PIL's default font).
-        cmap: a ``matplotlib.colormaps`` name ("viridis", "jet", ...).
-        interpolation: how the (S, S) maps are upsampled to the panel, "nearest" or "bilinear".
-        panel_side: resize every panel to this side (image bilinear, maps with ``interpolation``);
-            None keeps H x W.
-
-    Maps are ``a = |g|`` rescaled jointly over the shown steps, ``(a - min) / (max - min)``
-    (constant -> 0), so colours compare across steps.
-
-    Returns:
-        (3, H', W') float in [0, 1] on the CPU, white background. With ``n = len(steps_to_show)``,
-        panels of ``h x w`` (``H x W`` or ``panel_side``) and padding ``p = FIGURE_PADDING``:
-        ``H' = p + T + h + p`` and ``W' = (n + 1) (w + p) + p``, where ``T`` is the title strip
-        height (0 without titles). Panel ``k`` (0 = the image) covers rows ``[p + T, p + T + h)``
-        and columns ``[p + k (w + p), p + k (w + p) + w)``.
-    """
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
-    if gates.ndim != 3:
-        raise ValueError(f"gates must be (steps, S, S) for one sample, got {tuple(gates.shape)}")
-    if not 0.0 <= overlay_alpha <= 1.0:
-        raise ValueError(f"overlay_alpha must be in [0, 1], got {overlay_alpha}")
-    if interpolation not in ("nearest", "bilinear"):
-        raise ValueError(f"interpolation must be 'nearest' or 'bilinear', got {interpolation!r}")
-    n_steps = gates.shape[0]
+def _chosen(steps_to_show: Sequence[int], n_steps: int) -> list[int]:
     chosen = []
     for i in steps_to_show:
         if not -n_steps <= i < n_steps:
             raise ValueError(f"step {i} out of range for {n_steps} denoising steps")
         chosen.append(i % n_steps)
-
-    img = image.detach().float().cpu().clamp(0, 1)[None]
-    size = (panel_side, panel_side) if panel_side is not None else tuple(img.shape[-2:])
-    img = _resize(img, size, "bilinear").clamp(0, 1)[0]  # (3, h, w)
-    panels = [img]
-    if chosen:
-        maps = _minmax(gates.detach().float().cpu().abs()[chosen])  # (n, S, S), joint over shown steps
-        maps = _resize(maps[:, None], size, interpolation)[:, 0].clamp(0, 1)  # (n, h, w)
-        colours = _colorize(maps, cmap)  # (n, 3, h, w)
-        panels += list((1 - overlay_alpha) * img + overlay_alpha * colours)
-
-    h, w, p = size[0], size[1], FIGURE_PADDING
-    strip_h = _title_height() if titles else 0
-    width = len(panels) * (w + p) + p
-    fig = torch.ones(3, p + strip_h + h + p, width)
-    for k, panel in enumerate(panels):
-        x0 = p + k * (w + p)
-        fig[:, p + strip_h : p + strip_h + h, x0 : x0 + w] = panel
-    if titles:
-        ts = None if t is None else [float(x) for x in t]
-        if ts is not None and len(ts) != n_steps:
-            raise ValueError(f"t has {len(ts)} values but gates has {n_steps} steps")
-        names = ["image"] + [f"step {i}" + ("" if ts is None else f" t={ts[i]:.2f}") for i in chosen]
-        fig[:, p : p + strip_h] = _title_strip(names, width, strip_h, w, p)
-    return fig.clamp(0, 1)
+    return chosen
 
 
-def _title_height() -> int:
-    from PIL import ImageFont
+def heatmap_figure(
+    images: Tensor,
+    gates: Tensor,
+    steps_to_show: Sequence[int],
+    *,
+    t: Tensor | Sequence[float] | None = None,
+    prompts: Sequence[str] | None = None,
+    cmap: str = "viridis",
+    panel_side: int | None = 256,
+    vmax: float | None = None,
+    font_size: int = FONT_SIZE,
+) -> Tensor:
+    """Figure 5a: one row per sample, its decoded image then ``|g|`` of each chosen step; a colour bar beside.
 
-    font = ImageFont.load_default()
-    return int(font.getbbox("Ag0=")[3]) + 3
+    Args:
+        images: (B, 3, H, W) float in [0, 1], the generated images.
+        gates: (steps, B, S, S), ``GenerationOutput.gates``.
+        steps_to_show: step indices (negative ones count from the end, as in Python).
+        t: (steps,) the sampling grid; column titles then read ``"step <i>"`` and ``"t=<t_i>"``.
+        prompts: B row labels (default ``"sample <b>"``), drawn left of each row.
+        cmap: a ``matplotlib.colormaps`` name ("viridis", "magma", ...).
+        panel_side: panel size: smaller images are enlarged by an integer factor (nearest), larger
+            ones shrunk to it (bilinear); maps are always enlarged nearest-neighbour, one S x S cell
+            per block. None keeps H x W.
+        vmax: the colour scale is absolute, ``|g|`` from 0 (no injection) to ``vmax``, values above
+            clipped; None takes the largest ``|g|`` of the shown maps (one scale per figure, printed
+            on the bar).
+
+    Returns:
+        (3, H', W') float in [0, 1] on the CPU: :func:`~cheers_pl.analysis.figures.labelled_grid` of
+        B rows and ``1 + len(steps_to_show)`` columns of ``h x w`` panels, then
+        :func:`~cheers_pl.analysis.figures.colour_bar` (as tall as the panels) to its right, so
+        ``W' = LABEL_WIDTH + (1 + n) (w + PAD) + PAD + PAD + bar width``.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    if gates.ndim != 4 or gates.shape[1] != images.shape[0]:
+        raise ValueError(f"gates must be (steps, B, S, S), B = {images.shape[0]}; got {tuple(gates.shape)}")
+    n_steps, batch = gates.shape[0], images.shape[0]
+    chosen = _chosen(steps_to_show, n_steps)
+    ts = None if t is None else [float(x) for x in t]
+    if ts is not None and len(ts) != n_steps:
+        raise ValueError(f"t has {len(ts)} values but gates has {n_steps} steps")
+    if prompts is not None and len(prompts) != batch:
+        raise ValueError(f"{len(prompts)} prompts for {batch} samples")
+
+    img = to_side(images.clamp(0, 1), panel_side).clamp(0, 1)  # (B, 3, h, w)
+    h, w = img.shape[-2:]
+    maps = gates.detach().float().cpu().abs()[chosen].transpose(0, 1)  # (B, n, S, S)
+    top = float(maps.max()) if maps.numel() else 0.0
+    scale = vmax if vmax is not None else top
+    if scale <= 0:
+        scale = 1.0  # an all-zero gate (untrained, zero-initialised): every map at the bottom colour
+    maps = F.interpolate((maps / scale).flatten(0, 1)[:, None], size=(h, w), mode="nearest")
+    colours = _colorize(maps[:, 0], cmap).view(batch, len(chosen), 3, h, w)
+    panels = torch.cat([img[:, None], colours], dim=1)  # (B, 1 + n, 3, h, w)
+    heads = ["image"] + [f"step {i}" + ("" if ts is None else f" t={ts[i]:.2f}") for i in chosen]
+    rows = list(prompts) if prompts is not None else [f"sample {b}" for b in range(batch)]
+    grid = labelled_grid(panels, heads, rows, font_size=font_size)
+    label = "|g|" + (" (clipped)" if vmax is not None and top > vmax else "")
+    header = grid.shape[1] - batch * (h + PAD) - PAD
+    bar = colour_bar(batch * (h + PAD) - PAD, 0.0, scale, cmap, label, font_size=font_size)
+    return beside(grid, bar, top=header + PAD).clamp(0, 1)
 
 
 # -- intensity plot ---------------------------------------------------------------------------
+def _canvas_to_tensor(canvas) -> Tensor:
+    canvas.draw()
+    rgba = torch.frombuffer(bytearray(canvas.buffer_rgba()), dtype=torch.uint8)
+    height, width = canvas.get_width_height()[::-1]
+    return rgba.view(height, width, 4)[..., :3].permute(2, 0, 1).float() / 255.0
+
+
+def _top_t_axis(ax, t: Sequence[float], steps: int) -> None:
+    ticks = evenly_spaced_steps(steps, 6)
+    top = ax.twiny()
+    top.set_xlim(ax.get_xlim())
+    top.set_xticks(ticks)
+    top.set_xticklabels([f"{float(t[i]):.2f}" for i in ticks], fontsize=7)
+    top.set_xlabel("t", fontsize=8)
+
+
 def intensity_plot(
     curve: Tensor,
     t: Tensor | Sequence[float] | None = None,
     *,
+    per_run: Tensor | None = None,
+    labels: Sequence[str] | None = None,
     ylabel: str = "normalised HFI intensity",
     title: str | None = "HFI intensity per denoising step",
-    size: tuple[float, float] = (4.0, 3.0),
+    size: tuple[float, float] | None = None,
     dpi: int = 100,
 ) -> Tensor:
-    """Figure 5b: a line plot of ``curve`` (steps,) against the step index, as (3, H, W) in [0, 1].
+    """Figure 5b: ``curve`` (steps,) against the denoising step, as one (3, H, W) picture in [0, 1].
 
+    With ``per_run`` (steps, B), the raw intensities :func:`intensity` of each run, a second panel
+    on the left shows them on their absolute scale (mean ``|g|``, one line per run, ``labels`` in the
+    legend), so the normalised curve on the right can be read against real gate values.
     Rendered with ``matplotlib.figure.Figure`` on an Agg canvas (no pyplot state).
-    ``H = size[1] * dpi``, ``W = size[0] * dpi``. With ``t`` (steps,), a top axis labels some of
-    the steps with their t values.
+    ``H = size[1] * dpi``, ``W = size[0] * dpi``; ``size`` defaults to (4, 3) inches, (8, 3) with
+    ``per_run``. With ``t`` (steps,), a top axis labels some of the steps with their t values.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -257,39 +243,50 @@ def intensity_plot(
     steps = len(y)
     if t is not None and len(t) != steps:
         raise ValueError(f"t has {len(t)} values but the curve has {steps} steps")
+    if per_run is not None and per_run.shape[0] != steps:
+        raise ValueError(f"per_run has {per_run.shape[0]} steps but the curve has {steps}")
+    size = size or ((8.0, 3.0) if per_run is not None else (4.0, 3.0))
     fig = Figure(figsize=size, dpi=dpi)
     canvas = FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
     x = list(range(steps))
+    axes = []
+    if per_run is not None:
+        ax = fig.add_subplot(1, 2, 1)
+        runs = per_run.detach().float().cpu()
+        for b in range(runs.shape[1]):
+            name = labels[b] if labels is not None else f"sample {b}"
+            ax.plot(x, runs[:, b].numpy(), linewidth=1, label=name if len(name) <= 28 else name[:27] + "…")
+        ax.set_ylabel("mean |g| (absolute)")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=6, loc="best")
+        axes.append(ax)
+    ax = fig.add_subplot(1, 2 if per_run is not None else 1, 2 if per_run is not None else 1)
     ax.plot(x, y, marker="o", markersize=3, linewidth=1.5)
-    ax.set_xlabel("denoising step")
     ax.set_ylabel(ylabel)
-    ax.set_xlim(-0.5, max(steps - 1, 0) + 0.5)
-    ax.grid(True, alpha=0.3)
-    if t is not None:
-        ticks = evenly_spaced_steps(steps, 6)
-        top = ax.twiny()
-        top.set_xlim(ax.get_xlim())
-        top.set_xticks(ticks)
-        top.set_xticklabels([f"{float(t[i]):.2f}" for i in ticks], fontsize=7)
-        top.set_xlabel("t", fontsize=8)
+    axes.append(ax)
+    for a in axes:
+        a.set_xlabel("denoising step")
+        a.set_xlim(-0.5, max(steps - 1, 0) + 0.5)
+        a.grid(True, alpha=0.3)
+        if t is not None:
+            _top_t_axis(a, t, steps)
+    if title and (t is not None or per_run is not None):
+        fig.suptitle(title, fontsize=9)
     elif title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    canvas.draw()
-    rgba = torch.frombuffer(bytearray(canvas.buffer_rgba()), dtype=torch.uint8)
-    height, width = canvas.get_width_height()[::-1]
-    return rgba.view(height, width, 4)[..., :3].permute(2, 0, 1).float() / 255.0
+    return _canvas_to_tensor(canvas)
 
 
 # -- gate maps on disk ------------------------------------------------------------------------
 def save_gate_maps(gates: Tensor, out_dir: str | Path, prefix: str = "sample") -> list[Path]:
     """Write every step's map of every sample as an 8-bit grayscale PNG; returns the paths.
 
-    gates (steps, B, S, S). For each sample ``b``, ``a = |g[:, b]|`` is min-max rescaled over all of
-    its steps jointly (constant -> 0) to 0..255 and upscaled with nearest by
-    ``k = ceil(64 / S)`` (1 when S >= 64), so files are ``(S k) x (S k)`` pixels, at least 64.
-    Files are ``out_dir/{prefix}{b:02d}_step{i:03d}.png``, listed sample by sample, step by step.
+    gates (steps, B, S, S). For each sample ``b``, ``a = |g[:, b]|`` is divided by its largest value
+    over all of its steps (0 stays black; an all-zero sample is all black), scaled to 0..255 and
+    upscaled with nearest by ``k = ceil(64 / S)`` (1 when S >= 64), so files are ``(S k) x (S k)``
+    pixels, at least 64. Files are ``out_dir/{prefix}{b:02d}_step{i:03d}.png``, listed sample by
+    sample, step by step.
     """
     from PIL import Image
 
@@ -301,7 +298,8 @@ def save_gate_maps(gates: Tensor, out_dir: str | Path, prefix: str = "sample") -
     k = max(1, math.ceil(MIN_SAVED_SIDE / side))
     paths: list[Path] = []
     for b in range(batch):
-        maps = _minmax(gates[:, b].detach().float().cpu().abs())  # (steps, S, S)
+        maps = gates[:, b].detach().float().cpu().abs()  # (steps, S, S)
+        maps = maps / maps.max() if maps.max() > 0 else maps
         maps = (maps * 255).round().to(torch.uint8)
         maps = maps.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
         for i in range(steps):

@@ -1,14 +1,14 @@
 """HFI analysis: intensities use |g|, per-run normalisation then the mean over runs (checked by
-hand), several runs concatenate, heat-map figure layout, the intensity plot, gate PNGs on disk."""
+hand), several runs concatenate, heat-map figure layout (enlarged panels, absolute colour scale,
+a colour bar beside the maps), the intensity plot, gate PNGs on disk."""
 
 import pytest
 import torch
 from matplotlib import colormaps
 from PIL import Image
 
-from cheers_pl.analysis import hfi
+from cheers_pl.analysis.figures import LABEL_WIDTH, PAD
 from cheers_pl.analysis.hfi import (
-    FIGURE_PADDING,
     evenly_spaced_steps,
     heatmap_figure,
     intensity,
@@ -86,57 +86,74 @@ def test_evenly_spaced_steps():
     assert evenly_spaced_steps(9, 3) == [0, 4, 8]
 
 
-def panel(fig, k, h, w, top):
-    x0 = FIGURE_PADDING + k * (w + FIGURE_PADDING)
-    return fig[:, top : top + h, x0 : x0 + w]
+def grid_width(panels: int, w: int) -> int:
+    return LABEL_WIDTH + panels * (w + PAD) + PAD
 
 
-@pytest.mark.parametrize("titles", [False, True])
-def test_heatmap_figure_layout_and_first_panel_is_the_image(titles):
+def panel(fig, r, k, h, w):
+    """Panel (row r, column k) of a heat-map figure whose header is what the rows leave free."""
+    rows = 2
+    top = fig.shape[1] - rows * (h + PAD) - PAD
+    y0, x0 = top + PAD + r * (h + PAD), LABEL_WIDTH + PAD + k * (w + PAD)
+    return fig[:, y0 : y0 + h, x0 : x0 + w]
+
+
+def test_heatmap_figure_layout_first_column_is_the_image_and_a_bar_is_beside():
     torch.manual_seed(0)
-    image, gates = torch.rand(3, 16, 12), torch.randn(5, 4, 4)
-    fig = heatmap_figure(
-        image, gates, [0, 2, -1], overlay_alpha=0.5, titles=titles, t=torch.linspace(0, 1, 5)
-    )
-    strip = hfi._title_height() if titles else 0
-    p = FIGURE_PADDING
-    assert fig.shape == (3, p + strip + 16 + p, 4 * (12 + p) + p)
+    images, gates = torch.rand(2, 3, 16, 16), torch.randn(5, 2, 4, 4)
+    fig = heatmap_figure(images, gates, [0, 2, -1], t=torch.linspace(0, 1, 5), prompts=["a cat", "a cup"],
+                         panel_side=64)  # fmt: skip
     assert fig.dtype == torch.float32 and fig.min() >= 0 and fig.max() <= 1
-    top = p + strip
-    torch.testing.assert_close(panel(fig, 0, 16, 12, top), image)
-    assert not torch.allclose(panel(fig, 1, 16, 12, top), image)  # the overlays differ from the image
-    if titles:
-        assert fig[:, p : p + strip].min() < 0.5  # some dark title text was drawn
-    blank = heatmap_figure(image, gates, [0, 4], overlay_alpha=0.0, titles=titles)
-    for k in range(3):  # alpha 0: every panel is the image
-        torch.testing.assert_close(panel(blank, k, 16, 12, top), image)
+    w = 64  # 16 px enlarged by 4, nearest
+    assert fig.shape[2] > grid_width(4, w) + PAD + 20  # the colour bar with its tick labels
+    assert fig.shape[1] > 2 * (w + PAD) + PAD  # the column titles above the rows
+    for r in range(2):
+        expected = images[r].repeat_interleave(4, dim=-2).repeat_interleave(4, dim=-1)
+        torch.testing.assert_close(panel(fig, r, 0, w, w), expected)
+    assert fig[:, : fig.shape[1] - 2 * (w + PAD) - PAD].min() < 0.5  # column titles drawn
+    assert fig[:, -w:, : LABEL_WIDTH - 1].min() < 0.5  # the prompt drawn left of its row
+    bar = fig[:, :, grid_width(4, w) + PAD : grid_width(4, w) + PAD + 16]
+    viridis = colormaps["viridis"]
+    top = torch.tensor(viridis(1.0)[:3], dtype=torch.float32)
+    assert ((bar - top[:, None, None]).abs().amax(dim=0) < 0.02).any()  # the bar reaches vmax's colour
 
 
-def test_heatmap_maps_are_normalised_jointly_over_the_shown_steps():
-    # step 0: |g| = 1 everywhere, step 1: |g| = 2 except one cell at 1 (signed), step 2: |g| = 3
-    gates = torch.stack([torch.ones(2, 2), torch.tensor([[-2.0, 2.0], [2.0, -1.0]]), -3 * torch.ones(2, 2)])
-    image = torch.full((3, 4, 4), 0.5)
-    fig = heatmap_figure(image, gates, [0, 1, 2], overlay_alpha=1.0, titles=False, cmap="jet")
+def test_heatmap_maps_use_an_absolute_scale_from_zero():
+    # sample 0: step 0 |g| = 1 everywhere, step 1 |g| = 2 except one cell at 1 (signed), step 2 |g| = 3
+    one = torch.stack([torch.ones(2, 2), torch.tensor([[-2.0, 2.0], [2.0, -1.0]]), -3 * torch.ones(2, 2)])
+    gates = torch.stack([one, torch.full_like(one, -4.0)], dim=1)  # (3, 2, 2, 2); sample 1: |g| = 4
+    images = torch.full((2, 3, 4, 4), 0.5)
     jet = colormaps["jet"]
-    colour = [torch.tensor(jet(v)[:3], dtype=torch.float32) for v in (0.0, 0.5, 1.0)]
-    p0, p1, p2 = (panel(fig, k, 4, 4, FIGURE_PADDING) for k in (1, 2, 3))
-    # joint min-max over steps 0..2: |g| 1 -> 0, 2 -> 0.5, 3 -> 1; nearest upsampling 2x2 -> 4x4
-    torch.testing.assert_close(p0, colour[0][:, None, None].expand(3, 4, 4), atol=1e-6, rtol=0)
-    torch.testing.assert_close(p2, colour[2][:, None, None].expand(3, 4, 4), atol=1e-6, rtol=0)
-    torch.testing.assert_close(p1[:, 0, 0], colour[1], atol=1e-6, rtol=0)
-    torch.testing.assert_close(p1[:, 3, 3], colour[0], atol=1e-6, rtol=0)  # the |g| = 1 cell
+
+    def colour(v):
+        return torch.tensor(jet(v)[:3], dtype=torch.float32)[:, None, None].expand(3, 4, 4)
+
+    fig = heatmap_figure(images, gates, [0, 1, 2], cmap="jet", panel_side=None, vmax=4.0)
+    # |g| / 4 with 0 at the bottom: 1 -> 0.25, 2 -> 0.5, 3 -> 0.75 (not min-max: 1 does not go to 0)
+    torch.testing.assert_close(panel(fig, 0, 1, 4, 4), colour(0.25), atol=1e-6, rtol=0)
+    torch.testing.assert_close(panel(fig, 0, 3, 4, 4), colour(0.75), atol=1e-6, rtol=0)
+    p1 = panel(fig, 0, 2, 4, 4)
+    torch.testing.assert_close(p1[:, 0, 0], colour(0.5)[:, 0, 0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(p1[:, 3, 3], colour(0.25)[:, 0, 0], atol=1e-6, rtol=0)  # the |g| = 1 cell
+    per_figure = heatmap_figure(images, gates, [0, 1, 2], cmap="jet", panel_side=None)  # vmax = 4, the max
+    torch.testing.assert_close(per_figure, fig)
+    clipped = heatmap_figure(images, gates, [0, 1, 2], cmap="jet", panel_side=None, vmax=2.0)
+    torch.testing.assert_close(panel(clipped, 0, 3, 4, 4), colour(1.0), atol=1e-6, rtol=0)
+    assert clipped.shape[2] > fig.shape[2]  # the bar's label says "(clipped)"
 
 
-def test_heatmap_figure_panel_side_and_bad_arguments():
-    image, gates = torch.rand(3, 8, 8), torch.randn(3, 2, 2)
-    fig = heatmap_figure(image, gates, [1], titles=False, panel_side=20, interpolation="bilinear")
-    assert fig.shape == (3, 20 + 2 * FIGURE_PADDING, 2 * (20 + FIGURE_PADDING) + FIGURE_PADDING)
+def test_heatmap_figure_bad_arguments():
+    images, gates = torch.rand(2, 3, 8, 8), torch.randn(3, 2, 2, 2)
     with pytest.raises(ValueError, match="out of range"):
-        heatmap_figure(image, gates, [3])
-    with pytest.raises(ValueError, match="one sample"):
-        heatmap_figure(image, gates[None], [0])
-    with pytest.raises(ValueError, match="overlay_alpha"):
-        heatmap_figure(image, gates, [0], overlay_alpha=2.0)
+        heatmap_figure(images, gates, [3])
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        heatmap_figure(images[0], gates, [0])
+    with pytest.raises(ValueError, match=r"\(steps, B, S, S\)"):
+        heatmap_figure(images, gates[:, :1], [0])
+    with pytest.raises(ValueError, match="prompts"):
+        heatmap_figure(images, gates, [0], prompts=["one"])
+    with pytest.raises(ValueError, match="t has 2"):
+        heatmap_figure(images, gates, [0], t=torch.zeros(2))
 
 
 @pytest.mark.parametrize("with_t", [False, True])
@@ -149,6 +166,14 @@ def test_intensity_plot_is_an_rgb_image(with_t):
     assert img.min() < 0.5 and img.max() == 1.0  # dark lines on a white background
     with pytest.raises(ValueError, match="t has 3"):
         intensity_plot(curve, torch.zeros(3))
+
+
+def test_intensity_plot_with_the_raw_runs_is_wider():
+    curve, runs = torch.tensor([0.0, 0.5, 1.0]), torch.tensor([[0.1, 0.2], [0.2, 0.3], [0.4, 0.5]])
+    img = intensity_plot(curve, torch.linspace(0, 1, 3), per_run=runs, labels=["a cat", "a cup"])
+    assert img.shape == (3, 300, 800)
+    with pytest.raises(ValueError, match="per_run has 2"):
+        intensity_plot(curve, per_run=runs[:2])
 
 
 @pytest.mark.parametrize(("side", "saved"), [(8, 64), (5, 65), (80, 80)])
@@ -164,8 +189,8 @@ def test_save_gate_maps_files_and_sizes(tmp_path, side, saved):
             with Image.open(paths[b * 3 + i]) as im:
                 assert im.mode == "L" and im.size == (saved, saved)
                 pixels.append(torch.tensor(list(im.getdata())))
-        pixels = torch.cat(pixels)  # normalised per sample over all its steps jointly
-        assert int(pixels.min()) == 0 and int(pixels.max()) == 255
+        pixels = torch.cat(pixels)  # |g| / max |g| per sample over all its steps jointly
+        assert int(pixels.min()) >= 0 and int(pixels.max()) == 255
 
 
 def test_save_gate_maps_uses_the_magnitude(tmp_path):
@@ -175,3 +200,10 @@ def test_save_gate_maps_uses_the_magnitude(tmp_path):
         assert im.size == (64, 64)
         corners = [im.getpixel(xy) for xy in ((0, 0), (63, 0), (0, 63), (63, 63))]
     assert corners == [255, 0, 128, 255]  # |g| / 2 * 255, rounded
+
+
+def test_save_gate_maps_keeps_zero_black(tmp_path):
+    gates = torch.tensor([[[[1.0, 2.0], [2.0, 2.0]]]])  # min-max would turn the 1 into 0
+    (path,) = save_gate_maps(gates, tmp_path)
+    with Image.open(path) as im:
+        assert im.getpixel((0, 0)) == 128
