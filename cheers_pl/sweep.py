@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -39,6 +40,17 @@ UNAVAILABLE = "unavailable (no CLIP weights given)"
 
 def run_name(overlay: str) -> str:
     return "base" if overlay == "base" else Path(overlay).stem
+
+
+def check_overlays(base: str, overlays: list[str]) -> list[str]:
+    """The run names of ``overlays``; ValueError before any run when two share a name or a YAML is missing."""
+    names = [run_name(o) for o in overlays]
+    if len(set(names)) != len(names):
+        raise ValueError(f"overlay names must differ: {names}")
+    missing = [o for o in [base, *overlays] if o != "base" and not Path(o).is_file()]
+    if missing:  # now, not after the other runs
+        raise ValueError(f"no such YAML: {', '.join(missing)}")
+    return names
 
 
 def needs_previous_stage(base: str) -> bool:
@@ -109,9 +121,7 @@ def run_sweep(
     fits on the demo images; the tiny preset's random VAE makes image metrics meaningless).
     """
     out_dir = Path(out)
-    names = [run_name(o) for o in overlays]
-    if len(set(names)) != len(names):
-        raise ValueError(f"overlay names must differ: {names}")
+    names = check_overlays(base, overlays)
     tiny = [str(EXPERIMENTS / "tiny.yaml")] if preset == "tiny" else []
     common = (
         []
@@ -121,12 +131,14 @@ def run_sweep(
     extra = list(common)
     if needs_previous_stage(base):
         stage1 = [str(EXPERIMENTS / "stage1_alignment.yaml"), *tiny]
+        _progress(f"stage I first, shared by every run: {out_dir / '_stage1'} (seed {seed})")
         first = fit(stage1, out_dir / "_stage1", steps, seed, data_root, common)
         extra += ["--model.init_args.init_from", str(first)]
     root = Path(data_root or ("data/demo" if preset == "tiny" else "."))
     heldout = heldout or str(root / "heldout" if (root / "heldout").is_dir() else root / "generation")
     rows = []
-    for overlay, name in zip(overlays, names, strict=True):
+    for k, (overlay, name) in enumerate(zip(overlays, names, strict=True), 1):
+        _progress(f"run {k}/{len(overlays)}: {overlay} -> {out_dir / name} (seed {seed})")
         configs = [base, *tiny] + ([] if overlay == "base" else [overlay])
         ckpt = fit(configs, out_dir / name, steps, seed, data_root, extra)
         model = load_any(ckpt)
@@ -139,6 +151,11 @@ def run_sweep(
         rows.append(row)
     write_table(rows, out_dir, heldout)
     return rows
+
+
+def _progress(line: str) -> None:
+    """A progress line on stderr (stdout ends with the table)."""
+    print(f"cheers sweep: {line}", file=sys.stderr, flush=True)
 
 
 def _fmt(value: object) -> str:
@@ -190,5 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         a.overlays = ["base", *sorted(str(p) for p in (EXPERIMENTS / "ablations").glob("*.yaml"))]
     if a.preset == "tiny":
         torch.set_num_threads(1)  # see tests/conftest.py
+    try:
+        check_overlays(a.base, a.overlays)
+    except ValueError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     run_sweep(a.base, a.overlays, a.out, a.preset, a.steps, a.seed, a.data_root, a.heldout, a.clip, a.vae)
     return 0

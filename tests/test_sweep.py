@@ -1,6 +1,7 @@
 """`cheers sweep`: a base stage under two overlays writes a results table with both rows."""
 
 import csv
+import sys
 
 import pytest
 
@@ -49,3 +50,43 @@ def test_without_clip_weights_the_column_says_unavailable_and_a_vae_folder_is_us
     assert rows[0]["clip_score"].startswith("unavailable")
     config = sorted((tmp_path / "s" / "base" / "tb").glob("version_*/config.yaml"))[-1].read_text()
     assert str(tmp_path / "vae") in config
+
+
+def test_each_run_is_announced_on_stderr_before_it_starts(tmp_path, monkeypatch, capsys):
+    from cheers_pl import sweep
+
+    calls = []
+
+    def fake_fit(configs, root, steps, seed, data_root, extra):
+        calls.append(root.name)
+        print(f"training {root.name}", file=sys.stderr)
+        return root / "last.ckpt"
+
+    monkeypatch.setattr(sweep, "fit", fake_fit)
+    monkeypatch.setattr(sweep, "load_any", lambda ckpt: None)
+    monkeypatch.setattr(sweep, "last_scalars", lambda root: {"train/loss": 1.0})
+    monkeypatch.setattr(sweep, "heldout_fm_loss", lambda model, shards: 0.5)
+    (tmp_path / "out").mkdir()
+    overlay = str(EXPERIMENTS / "ablations" / "hfi_none.yaml")
+    run_sweep(str(EXPERIMENTS / "stage2_pretrain.yaml"), ["base", overlay], str(tmp_path / "out"), seed=3)
+    captured = capsys.readouterr()
+    out = tmp_path / "out"
+    assert captured.err.splitlines() == [
+        f"cheers sweep: stage I first, shared by every run: {out / '_stage1'} (seed 3)",
+        "training _stage1",
+        f"cheers sweep: run 1/2: base -> {out / 'base'} (seed 3)",
+        "training base",
+        f"cheers sweep: run 2/2: {overlay} -> {out / 'hfi_none'} (seed 3)",
+        "training hfi_none",
+    ]
+    assert captured.out.startswith("| run |")  # stdout: the table only
+
+
+def test_a_missing_overlay_stops_before_any_run(tmp_path, monkeypatch, capsys):
+    from cheers_pl import sweep
+
+    monkeypatch.setattr(sweep, "fit", lambda *a: pytest.fail("a run started"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", "--overlays", "base", "nope.yaml", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "cheers sweep: error: no such YAML: nope.yaml" in capsys.readouterr().err
