@@ -7,14 +7,18 @@ callback (sampling on every rank, as sharded strategies need; logging on global 
    its own seeded generator; the global RNG state and every module's training flag are restored);
 2. reconstructs a fixed set of training images through the pixel decoder, D(VAE.encode(x)),
    unless the model runs the latent ablation (``pixel_decoder is None``);
-3. logs both grids (``previews/generated``, ``previews/reconstruction``) and the scalar
+3. logs both pictures (``previews/generated``, ``previews/reconstruction``, each with a
+   TensorBoard description: the prompts, the sampling settings, what the rows are) and the scalar
    ``previews/reconstruction_mse`` to every :class:`TensorBoardLogger` of the trainer, and saves
-   PNGs to ``save_dir`` when given.
+   the same pictures as PNGs to ``save_dir`` when given.
 
-Grids are (3, H', W') float in [0, 1] from :func:`torchvision.utils.make_grid` with padding 2:
-for ``n`` images of side ``s`` laid out ``nrow`` per row, ``H' = rows * (s + 2) + 2`` and
-``W' = nrow * (s + 2) + 2``. The generated grid is one row of ``len(prompts)`` images; the
-reconstruction grid has the inputs on the top row and their reconstructions below.
+Pictures are (3, H', W') float in [0, 1] from :func:`~cheers_pl.analysis.figures.labelled_grid`:
+every image enlarged nearest-neighbour by the integer factor ``k`` that brings its side ``s`` to
+at least ``display_side`` (``k = ceil(display_side / s)``, 1 when already that large; panels of
+``S = s k``), the labels drawn into the picture. The generated picture is one row, "generated",
+of ``len(prompts)`` panels under their prompts; the reconstruction picture has the row "input"
+above the row "reconstruction", one column per remembered training image. With header height
+``T`` and label strip ``L = LABEL_WIDTH``: ``H' = T + rows (S + 2) + 2``, ``W' = L + cols (S + 2) + 2``.
 """
 
 from __future__ import annotations
@@ -26,11 +30,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
-from cheers_pl.callbacks.sampling import FixedPromptCallback, eval_mode, fork_rng
-
-GRID_PADDING = 2
+from cheers_pl.analysis.figures import labelled_grid, upscale
+from cheers_pl.callbacks.sampling import FixedPromptCallback, eval_mode, fork_rng, log_image, prompt_list
 
 
 class PreviewCallback(FixedPromptCallback):
@@ -49,10 +52,12 @@ class PreviewCallback(FixedPromptCallback):
             model).
         save_dir: if set, also write ``generated_step{step:06d}.png`` and
             ``reconstruction_step{step:06d}.png`` there.
+        display_side: enlarge images (nearest, integer factor) to at least this many pixels a
+            side in the pictures; None keeps their size.
 
     Attributes (after a preview):
-        last_generated: (3, H', W') grid of the latest generated images.
-        last_reconstruction: (3, H', W') grid, inputs on top, reconstructions below; or None.
+        last_generated: (3, H', W') labelled picture of the latest generated images.
+        last_reconstruction: (3, H', W') picture, inputs on top, reconstructions below; or None.
         last_reconstruction_mse: mean squared error between inputs and reconstructions; or None.
         last_step: global step of the latest preview; or None.
     """
@@ -68,8 +73,12 @@ class PreviewCallback(FixedPromptCallback):
         num_reconstructions: int = 4,
         at_start: bool = True,
         save_dir: str | None = None,
+        display_side: int | None = 256,
     ):
         super().__init__(every_n_steps, prompts, cfg_scale, steps, shift, seed, at_start)
+        if display_side is not None and display_side < 1:
+            raise ValueError(f"display_side must be >= 1 or None, got {display_side}")
+        self.display_side = display_side
         if num_reconstructions < 0:
             raise ValueError(f"num_reconstructions must be >= 0, got {num_reconstructions}")
         self.num_reconstructions = num_reconstructions
@@ -118,14 +127,14 @@ class PreviewCallback(FixedPromptCallback):
             self._save(step)
 
     def generated_grid(self, model: nn.Module) -> Tensor:
-        """(3, H', W') grid of one generated image per prompt, all on one row."""
+        """(3, H', W') picture of one generated image per prompt on one row, each under its prompt."""
         out = model.generate(
             self.prompts, cfg_scale=self.cfg_scale, steps=self.steps, shift=self.shift, seed=self.seed
         )
-        return _grid(out.images, nrow=len(self.prompts))
+        return self._picture(out.images[None], self.prompts, ["generated"])
 
     def reconstruction_grid(self, model: nn.Module) -> tuple[Tensor, float] | None:
-        """(grid (3, H', W'): inputs on top, D(z1) below; mse) or None when there is nothing to show."""
+        """(picture (3, H', W'): inputs on top, D(z1) below; mse) or None when there is nothing to show."""
         if model.pixel_decoder is None:
             if not self._said_latent:
                 rank_zero_info(
@@ -139,14 +148,35 @@ class PreviewCallback(FixedPromptCallback):
         x = self.reference_images.to(model.placeholder_ids.device)
         recon = model.pixel_decoder(model.vae.encode(x)).float().clamp(0, 1)
         mse = float(torch.mean((recon - x) ** 2))
-        return _grid(torch.cat([x, recon]), nrow=x.shape[0]), mse
+        heads = [f"training image {i}" for i in range(x.shape[0])]
+        return self._picture(torch.stack([x, recon]), heads, ["input", "reconstruction D(z1)"]), mse
+
+    def _picture(self, images: Tensor, heads: list[str], rows: list[str]) -> Tensor:
+        """images (R, C, 3, H, W) -> enlarged to ``display_side``, labelled, (3, H', W') on the CPU."""
+        r, c = images.shape[:2]
+        big = upscale(images.detach().float().clamp(0, 1).flatten(0, 1), self.display_side)
+        return labelled_grid(big.unflatten(0, (r, c)), heads, rows)
+
+    def descriptions(self) -> dict[str, str]:
+        """TensorBoard descriptions (markdown) of the two pictures."""
+        sampling = f"CFG {self.cfg_scale}, {self.steps} steps, shift {self.shift}, seed {self.seed}"
+        return {
+            "previews/generated": f"One image per prompt, left to right ({sampling}):\n\n"
+            + prompt_list(self.prompts),
+            "previews/reconstruction": "Top row: training images (the first batch's); bottom row: "
+            "their reconstructions through the pixel decoder, D(VAE.encode(x)). "
+            "MSE: `previews/reconstruction_mse`.",
+        }
 
     # -- output -------------------------------------------------------------------------------
     def _log(self, trainer: pl.Trainer, step: int) -> None:
+        about = self.descriptions()
         for logger in self.tensorboard_loggers(trainer):
-            logger.experiment.add_image("previews/generated", self.last_generated, step)
+            writer = logger.experiment
+            log_image(writer, "previews/generated", self.last_generated, step, about["previews/generated"])
             if self.last_reconstruction is not None:
-                logger.experiment.add_image("previews/reconstruction", self.last_reconstruction, step)
+                tag = "previews/reconstruction"
+                log_image(writer, tag, self.last_reconstruction, step, about[tag])
                 logger.log_metrics({"previews/reconstruction_mse": self.last_reconstruction_mse}, step)
 
     def _save(self, step: int) -> None:
@@ -157,8 +187,3 @@ class PreviewCallback(FixedPromptCallback):
         if self.last_reconstruction is not None:
             path = os.path.join(self.save_dir, f"reconstruction_step{step:06d}.png")
             save_image(self.last_reconstruction, path)
-
-
-def _grid(images: Tensor, nrow: int) -> Tensor:
-    """images (N,3,H,W) -> (3, H', W') float CPU grid in [0, 1], ``nrow`` images per row, padding 2."""
-    return make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=GRID_PADDING)

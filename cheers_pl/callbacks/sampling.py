@@ -4,7 +4,8 @@ Every ``every_n_steps`` optimizer steps (and once before the first step when ``a
 most once per global step, which does not advance during gradient accumulation) the subclass's
 :meth:`FixedPromptCallback.run` is called on every rank (under FSDP or DeepSpeed the forward
 passes are collective: a rank-0-only sample would hang); subclasses log on global rank 0 only.
-Sampling helpers restore every module's training flag and the global RNG state.
+Sampling helpers restore every module's training flag and the global RNG state;
+:func:`log_image` writes a picture with a TensorBoard description (the prompts, what the rows are).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
 
 from cheers_pl.distributed import full_params
 
@@ -113,3 +114,25 @@ def fork_rng(model: nn.Module) -> Iterator[None]:
         devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         yield
+
+
+def log_image(writer, tag: str, image: Tensor, step: int, description: str) -> None:
+    """Write image (3, H, W) in [0, 1] under ``tag`` with a markdown ``description`` to a ``SummaryWriter``.
+
+    ``SummaryWriter.add_image`` has no description; this sets the summary value's metadata
+    (``display_name`` = tag, ``summary_description``), which TensorBoard's image dashboard shows on
+    the card. TensorBoard keeps a tag's first metadata only, so the description holds what stays
+    fixed over a run (prompts, layout); what changes per step is drawn into the picture.
+    """
+    from tensorboard.plugins.image import metadata as image_metadata
+    from torch.utils.tensorboard.summary import image as image_summary
+
+    summary = image_summary(tag, image.detach().float().cpu().clamp(0, 1), dataformats="CHW")
+    meta = image_metadata.create_summary_metadata(display_name=tag, description=description)
+    summary.value[0].metadata.CopyFrom(meta)
+    writer._get_file_writer().add_summary(summary, step)  # what add_image itself calls
+
+
+def prompt_list(prompts: list[str]) -> str:
+    """Markdown numbered list of the prompts, for an image's description."""
+    return "\n".join(f"{i + 1}. {p}" for i, p in enumerate(prompts))

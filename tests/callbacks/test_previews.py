@@ -1,5 +1,6 @@
-"""PreviewCallback: TensorBoard images and scalar at the right steps, grid shapes, RNG and mode
-restored, once per step under gradient accumulation, the latent ablation, PNGs in save_dir."""
+"""PreviewCallback: TensorBoard images and scalar at the right steps, pictures enlarged to
+display_side with their labels drawn in and the prompts in the TensorBoard description, RNG and
+mode restored, once per step under gradient accumulation, the latent ablation, PNGs in save_dir."""
 
 import warnings
 
@@ -10,6 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
+from cheers_pl.analysis.figures import LABEL_WIDTH, PAD
 from cheers_pl.callbacks import PreviewCallback
 from cheers_pl.model import CheersModel
 from cheers_pl.smoke import mixed_batch
@@ -49,8 +51,13 @@ def fit(callback, logger, spec=None, max_steps=3, accumulate=1):
     return trainer, module, batch
 
 
-def grid_side(n: int, side: int, pad: int = 2) -> int:
-    return n * (side + pad) + pad
+def panels_extent(n: int, side: int) -> int:
+    """Pixels that n panels of ``side`` take along one axis of a labelled grid."""
+    return n * (side + PAD) + PAD
+
+
+def header_height(picture: torch.Tensor, rows: int, side: int) -> int:
+    return picture.shape[1] - panels_extent(rows, side)
 
 
 @pytest.fixture(scope="module")
@@ -76,19 +83,49 @@ def test_images_and_mse_logged_at_start_and_every_n_steps(run):
     assert callback.last_step == 2
 
 
-def test_grid_shapes(run):
+def test_pictures_are_enlarged_to_display_side_and_labelled(run):
     callback, _, module, batch, events = run
     s = module.model.image_size
+    big = -(-256 // s) * s  # display_side 256, an integer factor: 32 -> 256
+    assert big >= 256 and callback.display_side == 256
     n_rec = min(callback.num_reconstructions, batch["images"].shape[0])
-    gen_shape = (3, grid_side(1, s), grid_side(len(PROMPTS), s))
-    rec_shape = (3, grid_side(2, s), grid_side(n_rec, s))
-    assert tuple(callback.last_generated.shape) == gen_shape
-    assert tuple(callback.last_reconstruction.shape) == rec_shape
-    for grid in (callback.last_generated, callback.last_reconstruction):
-        assert grid.dtype == torch.float32 and grid.min() >= 0 and grid.max() <= 1
-    for tag, shape in (("previews/generated", gen_shape), ("previews/reconstruction", rec_shape)):
+    for picture, rows, cols in (
+        (callback.last_generated, 1, len(PROMPTS)),
+        (callback.last_reconstruction, 2, n_rec),
+    ):
+        assert picture.dtype == torch.float32 and picture.min() >= 0 and picture.max() <= 1
+        assert picture.shape[2] == LABEL_WIDTH + panels_extent(cols, big)
+        top = header_height(picture, rows, big)
+        assert top > 10  # a header strip of column labels (the prompts) above the panels
+        assert picture[:, :top].min() < 0.5  # dark text drawn into it
+        assert picture[:, top:, : LABEL_WIDTH - 1].min() < 0.5  # row labels ("input", ...)
+    for tag, picture in (("previews/generated", callback.last_generated),
+                         ("previews/reconstruction", callback.last_reconstruction)):  # fmt: skip
         img = events.Images(tag)[-1]
-        assert (img.height, img.width) == shape[1:]
+        assert (img.height, img.width) == tuple(picture.shape[1:])
+
+
+def test_the_panels_are_the_images_nearest_neighbour_enlarged(run):
+    callback, trainer, module, _, _ = run
+    callback.preview(trainer, module)
+    with torch.no_grad():
+        out = module.model.eval().generate(PROMPTS, cfg_scale=4.0, steps=2, shift=1.0, seed=0)
+    module.model.train()
+    s, pic = module.model.image_size, callback.last_generated
+    k = -(-256 // s)
+    top, x0 = header_height(pic, 1, s * k) + PAD, LABEL_WIDTH + PAD
+    panel = pic[:, top : top + s * k, x0 : x0 + s * k]
+    expected = out.images[0].clamp(0, 1).repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
+    torch.testing.assert_close(panel, expected.float(), atol=1e-6, rtol=0)
+
+
+def test_descriptions_carry_the_prompts(run):
+    callback, _, _, _, events = run
+    about = events.SummaryMetadata("previews/generated").summary_description
+    assert all(prompt in about for prompt in PROMPTS) and "CFG 4.0" in about
+    rec = events.SummaryMetadata("previews/reconstruction").summary_description
+    assert "Top row" in rec and "D(VAE.encode(x))" in rec
+    assert about == callback.descriptions()["previews/generated"]
 
 
 def test_reference_images_are_the_first_batch_and_mse_matches(run):
@@ -163,4 +200,6 @@ def test_bad_arguments():
         PreviewCallback(every_n_steps=0)
     with pytest.raises(ValueError, match="prompts"):
         PreviewCallback(prompts=[])
+    with pytest.raises(ValueError, match="display_side"):
+        PreviewCallback(display_side=0)
     assert len(PreviewCallback().prompts) == 4
