@@ -7,12 +7,21 @@ per global step), the callback samples the fixed prompts with
 seeded generator; RNG state and training flags restored) and, on global rank 0, logs to every
 :class:`TensorBoardLogger`:
 
-* image ``hfi/heatmaps``: one :func:`~cheers_pl.analysis.hfi.heatmap_figure` per prompt (the
-  generated image, then the |g| maps of ``show_steps`` over it), stacked vertically;
-* image ``hfi/intensity``: :func:`~cheers_pl.analysis.hfi.intensity_plot` of the
-  :func:`~cheers_pl.analysis.hfi.intensity_curve` over all prompts (per-run ``normalise``, then
-  averaged across prompts at each step);
-* scalars ``hfi/intensity/step_{i:02d}``, that curve's value at every denoising step ``i``.
+* image ``hfi/heatmaps``: :func:`~cheers_pl.analysis.hfi.heatmap_figure`, one row per prompt
+  (the prompt, the generated image, then the |g| maps of ``show_steps`` beside it, enlarged
+  nearest-neighbour to ``panel_side``) and a colour bar with the absolute |g| scale (0 to
+  ``vmax``, or to the figure's largest |g|, printed on the bar);
+* image ``hfi/intensity``: :func:`~cheers_pl.analysis.hfi.intensity_plot`, the raw mean |g| of
+  every prompt per denoising step and the :func:`~cheers_pl.analysis.hfi.intensity_curve` over
+  all prompts (per-run ``normalise``, then averaged across prompts at each step): one chart per
+  logging step, stepped through with TensorBoard's image slider;
+* scalars ``hfi/intensity/{first,mean,last}`` (mean |g| over the prompts at the first step, over
+  all steps, at the last step) and ``hfi/intensity/peak_t`` (the t where the normalised curve
+  peaks), grouped with the training-time ``hfi/gate_*`` scalars in one TensorBoard custom-scalars
+  layout (category "HFI"), written once per logger. The whole curve is the picture; a scalar per
+  denoising step (80 tags at paper settings) would plot each step against the *training* step.
+
+Both images carry a TensorBoard description (the prompts, what rows, columns and scales are).
 
 With ``model.spec.hfi == "none"`` there is no gate: the callback says so once and does nothing.
 """
@@ -28,10 +37,22 @@ from cheers_pl.analysis.hfi import (
     NORMALISE_MODES,
     evenly_spaced_steps,
     heatmap_figure,
+    intensity,
     intensity_curve,
     intensity_plot,
 )
-from cheers_pl.callbacks.sampling import FixedPromptCallback, eval_mode, fork_rng
+from cheers_pl.callbacks.sampling import FixedPromptCallback, eval_mode, fork_rng, log_image, prompt_list
+
+LAYOUT = {
+    "HFI": {
+        "sampled gate |g| (first, mean, last denoising step)": [
+            "Multiline",
+            ["hfi/intensity/first", "hfi/intensity/mean", "hfi/intensity/last"],
+        ],
+        "t of peak normalised intensity": ["Multiline", ["hfi/intensity/peak_t"]],
+        "gate during training": ["Multiline", ["hfi/gate_mean", "hfi/gate_abs_mean", "hfi/gate_std"]],
+    }
+}
 
 
 class HFIHeatmapCallback(FixedPromptCallback):
@@ -49,12 +70,16 @@ class HFIHeatmapCallback(FixedPromptCallback):
         normalise: per-run normalisation of the intensity curve, one of ``NORMALISE_MODES``
             ("minmax", "max", "none"); see :func:`~cheers_pl.analysis.hfi.normalise_per_run`.
         at_start: also log at global step 0, before the first optimizer step.
-        overlay_alpha, cmap: blending and colormap of the heat maps.
-        panel_side: side of every panel of the heat-map figure (None: the image size).
+        cmap: colormap of the heat maps (a ``matplotlib.colormaps`` name).
+        panel_side: side of every panel of the heat-map figure: smaller images are enlarged by an
+            integer factor (nearest), larger ones shrunk (None: the image size).
+        vmax: top of the absolute |g| colour scale (values above are clipped and the bar says so);
+            None: the largest |g| of each figure, printed on its colour bar.
 
     Attributes (after a log):
         last_gates: (steps, B, S, S) float CPU gates of the latest sampling, B = len(prompts).
         last_curve: (steps,) the normalised intensity curve.
+        last_intensity: (steps, B) the raw mean |g| of every map.
         last_t: (steps,) the sampling grid.
         last_heatmaps, last_plot: the logged (3, H, W) images (global rank 0 only).
         last_step: global step of the latest sampling; or None.
@@ -71,9 +96,9 @@ class HFIHeatmapCallback(FixedPromptCallback):
         show_steps: list[int] | None = None,
         normalise: str = "minmax",
         at_start: bool = True,
-        overlay_alpha: float = 0.5,
         cmap: str = "viridis",
         panel_side: int | None = 256,
+        vmax: float | None = None,
     ):
         super().__init__(every_n_steps, prompts, cfg_scale, steps, shift, seed, at_start)
         if normalise not in NORMALISE_MODES:
@@ -85,14 +110,18 @@ class HFIHeatmapCallback(FixedPromptCallback):
         if bad:
             raise ValueError(f"show_steps {bad} out of range for {steps} denoising steps")
         self.normalise = normalise
-        self.overlay_alpha, self.cmap, self.panel_side = overlay_alpha, cmap, panel_side
+        if vmax is not None and vmax <= 0:
+            raise ValueError(f"vmax must be > 0 or None, got {vmax}")
+        self.cmap, self.panel_side, self.vmax = cmap, panel_side, vmax
 
         self.last_gates: Tensor | None = None
         self.last_curve: Tensor | None = None
+        self.last_intensity: Tensor | None = None
         self.last_t: Tensor | None = None
         self.last_heatmaps: Tensor | None = None
         self.last_plot: Tensor | None = None
         self._said_no_gate = False
+        self._layouts: set[int] = set()  # ids of the writers that have the custom-scalars layout
 
     # -- cadence (FixedPromptCallback) -----------------------------------------------------------
     def wanted(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
@@ -128,34 +157,61 @@ class HFIHeatmapCallback(FixedPromptCallback):
         self.last_gates = out.gates.detach().float().cpu()
         self.last_t = out.t.detach().float().cpu() if out.t is not None else None
         self.last_curve = intensity_curve(self.last_gates, self.normalise)
+        self.last_intensity = intensity(self.last_gates)
         if trainer.is_global_zero:
             images = out.images.detach().float().cpu()
             self.last_heatmaps = self.heatmaps(images, self.last_gates, self.last_t)
-            self.last_plot = intensity_plot(self.last_curve, self.last_t)
+            self.last_plot = intensity_plot(
+                self.last_curve,
+                self.last_t,
+                per_run=self.last_intensity,
+                labels=self.prompts,
+                ylabel=f"intensity, per-run {self.normalise}",
+            )
             self._log(trainer, step)
 
     def heatmaps(self, images: Tensor, gates: Tensor, t: Tensor | None) -> Tensor:
-        """images (B,3,H,W), gates (steps,B,S,S) -> one heat-map figure per sample, stacked vertically."""
-        figures = [
-            heatmap_figure(
-                images[b],
-                gates[:, b],
-                self.show_steps,
-                self.overlay_alpha,
-                t=t,
-                cmap=self.cmap,
-                panel_side=self.panel_side,
-            )
-            for b in range(images.shape[0])
-        ]
-        return torch.cat(figures, dim=1)
+        """images (B,3,H,W), gates (steps,B,S,S) -> the (3, H', W') heat-map figure, a row per prompt."""
+        return heatmap_figure(
+            images, gates, self.show_steps, t=t, prompts=self.prompts, cmap=self.cmap,
+            panel_side=self.panel_side, vmax=self.vmax,
+        )  # fmt: skip
+
+    def summary_scalars(self) -> dict[str, float]:
+        """``hfi/intensity/{first,mean,last,peak_t}`` of the latest sampling (see the module docstring)."""
+        per_step = self.last_intensity.mean(dim=1)  # (steps,) mean |g| over the prompts
+        peak = int(self.last_curve.argmax())
+        peak_t = float(self.last_t[peak]) if self.last_t is not None else peak / max(len(per_step) - 1, 1)
+        return {
+            "hfi/intensity/first": float(per_step[0]),
+            "hfi/intensity/mean": float(per_step.mean()),
+            "hfi/intensity/last": float(per_step[-1]),
+            "hfi/intensity/peak_t": peak_t,
+        }
+
+    def descriptions(self) -> dict[str, str]:
+        """TensorBoard descriptions (markdown) of ``hfi/heatmaps`` and ``hfi/intensity``."""
+        scale = f"fixed, 0 to {self.vmax}" if self.vmax is not None else "0 to the figure's largest |g|"
+        sampling = f"CFG {self.cfg_scale}, {self.steps} steps, shift {self.shift}, seed {self.seed}"
+        return {
+            "hfi/heatmaps": f"HFI gate maps |g| (paper Fig. 5a), {sampling}. One row per prompt: the "
+            f"generated image, then |g| at denoising steps {self.show_steps} (one cell per latent "
+            f"token, nearest-neighbour). Colour bar: absolute |g| ({scale}).\n\n" + prompt_list(self.prompts),
+            "hfi/intensity": f"HFI intensity per denoising step (paper Fig. 5b), {sampling}. Left: mean "
+            f"|g| of each prompt's map (absolute). Right: per-run {self.normalise}-normalised intensity "
+            "averaged over the prompts.\n\n" + prompt_list(self.prompts),
+        }
 
     # -- output -------------------------------------------------------------------------------
     def _log(self, trainer: pl.Trainer, step: int) -> None:
-        scalars = {f"hfi/intensity/step_{i:02d}": float(v) for i, v in enumerate(self.last_curve)}
+        about, scalars = self.descriptions(), self.summary_scalars()
         for logger in self.tensorboard_loggers(trainer):
-            logger.experiment.add_image("hfi/heatmaps", self.last_heatmaps, step)
-            logger.experiment.add_image("hfi/intensity", self.last_plot, step)
+            writer = logger.experiment
+            if id(writer) not in self._layouts:
+                writer.add_custom_scalars(LAYOUT)
+                self._layouts.add(id(writer))
+            log_image(writer, "hfi/heatmaps", self.last_heatmaps, step, about["hfi/heatmaps"])
+            log_image(writer, "hfi/intensity", self.last_plot, step, about["hfi/intensity"])
             logger.log_metrics(scalars, step=step)
 
     def _say_no_gate(self) -> None:

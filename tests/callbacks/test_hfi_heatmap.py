@@ -1,5 +1,7 @@
-"""HFIHeatmapCallback: TensorBoard heat-map and intensity images plus per-step scalars at the
-right steps, values matching the analysis functions, RNG kept; the hfi='none' ablation logs nothing."""
+"""HFIHeatmapCallback: TensorBoard heat-map and intensity images (with the prompts in their
+descriptions, a colour bar beside the maps) plus four summary scalars grouped by a custom-scalars
+layout, at the right steps, values matching the analysis functions, RNG kept; the hfi='none'
+ablation logs nothing."""
 
 import warnings
 
@@ -8,9 +10,12 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 from torch.utils.data import DataLoader
 
-from cheers_pl.analysis.hfi import intensity_curve
+from cheers_pl.analysis.figures import LABEL_WIDTH, PAD
+from cheers_pl.analysis.hfi import intensity, intensity_curve
 from cheers_pl.callbacks import hfi_heatmap
 from cheers_pl.callbacks.hfi_heatmap import HFIHeatmapCallback
 from cheers_pl.model import CheersModel
@@ -56,7 +61,7 @@ def fit(callback, logger, spec=None, max_steps=3):
 
 
 def events_of(logger):
-    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     return events
 
@@ -69,19 +74,53 @@ def run(tmp_path_factory):
     return callback, trainer, module, events_of(logger)
 
 
+SUMMARY = ["hfi/intensity/first", "hfi/intensity/last", "hfi/intensity/mean", "hfi/intensity/peak_t"]
+
+
 def test_images_and_scalars_at_start_and_every_n_steps(run):
     callback, _, _, events = run
     tags = events.Tags()
     for tag in ("hfi/heatmaps", "hfi/intensity"):
         assert tag in tags["images"]
         assert [e.step for e in events.Images(tag)] == [0, 2]
-    names = [f"hfi/intensity/step_{i:02d}" for i in range(STEPS)]
-    assert sorted(t for t in tags["scalars"] if t.startswith("hfi/")) == names
-    for i, name in enumerate(names):
+    hfi_scalars = sorted(t for t in tags["scalars"] if t.startswith("hfi/intensity"))
+    assert hfi_scalars == SUMMARY  # four summary scalars, no scalar per denoising step
+    expected = callback.summary_scalars()
+    for name in SUMMARY:
         scalars = events.Scalars(name)
         assert [e.step for e in scalars] == [0, 2]
-        assert scalars[-1].value == pytest.approx(float(callback.last_curve[i]), abs=1e-6)
+        assert scalars[-1].value == pytest.approx(expected[name], abs=1e-6)
+    per_step = intensity(callback.last_gates).mean(dim=1)
+    assert expected["hfi/intensity/mean"] == pytest.approx(float(per_step.mean()), rel=1e-6)
+    assert expected["hfi/intensity/last"] == pytest.approx(float(per_step[-1]), rel=1e-6)
+    assert expected["hfi/intensity/peak_t"] == pytest.approx(
+        float(callback.last_t[callback.last_curve.argmax()])
+    )
     assert callback.last_step == 2
+
+
+def test_custom_scalars_layout_groups_the_intensity_once(run):
+    _, _, _, events = run
+    tag = custom_scalar_metadata.CONFIG_SUMMARY_TAG
+    assert tag in events.Tags()["tensors"]
+    assert len(events.Tensors(tag)) == 1  # written once per logger, not per logging step
+    layout = layout_pb2.Layout.FromString(events.Tensors(tag)[0].tensor_proto.string_val[0])
+    (category,) = layout.category
+    charts = {chart.title: list(chart.multiline.tag) for chart in category.chart}
+    assert category.title == "HFI"
+    assert sorted(charts[next(k for k in charts if k.startswith("sampled gate"))]) == sorted(
+        ["hfi/intensity/first", "hfi/intensity/mean", "hfi/intensity/last"]
+    )
+    assert any("hfi/gate_abs_mean" in tags for tags in charts.values())
+
+
+def test_descriptions_carry_the_prompts_and_the_scale(run):
+    callback, _, _, events = run
+    for tag in ("hfi/heatmaps", "hfi/intensity"):
+        about = events.SummaryMetadata(tag).summary_description
+        assert all(prompt in about for prompt in PROMPTS)
+        assert about == callback.descriptions()[tag]
+    assert "Colour bar: absolute |g|" in events.SummaryMetadata("hfi/heatmaps").summary_description
 
 
 def test_last_gates_curve_and_figure_shapes(run):
@@ -94,7 +133,12 @@ def test_last_gates_curve_and_figure_shapes(run):
     assert callback.last_curve.min() >= 0 and callback.last_curve.max() <= 1
     assert callback.show_steps == [0, 1, 2]
     assert callback.last_heatmaps.shape[0] == 3 and callback.last_plot.shape[0] == 3
-    assert callback.last_heatmaps.shape[2] == 4 * (48 + 2) + 2  # image + 3 steps, panels of 48
+    panel = -(-48 // module.model.image_size) * module.model.image_size  # 32 -> 64: integer factor
+    grid_width = LABEL_WIDTH + 4 * (panel + PAD) + PAD  # prompt labels, image + 3 steps
+    assert callback.last_heatmaps.shape[2] > grid_width + PAD + 20  # the colour bar and its ticks
+    bar = callback.last_heatmaps[:, :, grid_width + PAD :]
+    assert (bar.max(dim=0).values - bar.min(dim=0).values).max() > 0.3  # coloured, not grey text only
+    assert callback.last_heatmaps.shape[1] > len(PROMPTS) * (panel + PAD)  # rows plus the column titles
     for tag, img in (("hfi/heatmaps", callback.last_heatmaps), ("hfi/intensity", callback.last_plot)):
         event = events.Images(tag)[-1]
         assert (event.height, event.width) == tuple(img.shape[1:])
@@ -151,5 +195,7 @@ def test_bad_arguments():
         HFIHeatmapCallback(normalise="zscore")
     with pytest.raises(ValueError, match="out of range"):
         HFIHeatmapCallback(steps=4, show_steps=[0, 4])
+    with pytest.raises(ValueError, match="vmax"):
+        HFIHeatmapCallback(vmax=0.0)
     callback = HFIHeatmapCallback()
     assert callback.show_steps == [0, 5, 10, 14, 19] and len(callback.prompts) == 4
