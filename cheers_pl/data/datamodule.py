@@ -41,10 +41,11 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch.distributed as dist
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from cheers_pl.components.processor import CheersProcessor
@@ -326,12 +327,12 @@ class CheersDataModule(L.LightningDataModule):
         mixture: str = "sample",
         batch_size: int = 8,
         num_workers: int = 0,
-        shuffle_buffer: int = 1000,
+        shuffle_buffer: NonNegativeInt = 1000,  # restricted types: the CLI refuses bad values at parse time
         seed: int = 0,
         image_size: int | None = None,
-        cfg_dropout: float | None = None,
+        cfg_dropout: ClosedUnitInterval | None = None,
         root: str | None = None,
-        too_long: str = "skip",
+        too_long: Literal["skip", "truncate"] = "skip",
     ):
         super().__init__()
         self.root = root
