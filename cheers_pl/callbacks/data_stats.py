@@ -48,7 +48,7 @@ def summary(stats: dict[str, int]) -> str:
         return "data: no sample skipped or repaired, no shard fault (CheersDataModule.data_stats is empty)"
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(by_kind(stats).items()))
     width = max(len(k) for k in stats)
-    lines = [f"data faults of this run ({kinds}); first warnings per reason are in the log above:"]
+    lines = [f"data: skipped, repaired or dropped in this run ({kinds}); the log above names the first few:"]
     lines += [f"  {key:<{width}}  {n}" for key, n in sorted(stats.items())]
     return "\n".join(lines)
 

@@ -108,7 +108,7 @@ def test_a_tiny_fit_skips_counts_and_reports_a_100k_character_sample(tmp_path, c
     pbar = cli.trainer.progress_bar_metrics
     assert pbar["data/skipped"] >= 1 and pbar["data/duplicate_key"] >= 1, pbar
     out = capsys.readouterr().out
-    assert "data faults of this run" in out
+    assert "data: skipped, repaired or dropped in this run" in out
     assert re.search(r"skipped/understanding/too_long +1\n", out), out
     acc = EventAccumulator(str(next((run_dir / "tb").glob("version_*"))), size_guidance={"scalars": 0})
     acc.Reload()
