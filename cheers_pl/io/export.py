@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from cheers_pl import __version__
+from cheers_pl.io.integrity import check as check_integrity
 from cheers_pl.io.sharded import is_sharded_checkpoint, read_sharded
 from cheers_pl.spec import CheersSpec, ComponentSpec
 from cheers_pl.stages.weights import check_fit
@@ -339,6 +340,8 @@ def load_checkpoint(path: str | Path):
         raise ValueError(
             f"{path} cannot be read as a checkpoint ({type(err).__name__}: {err}); expected {EXPECTED}"
         ) from None
+    if not is_sharded_checkpoint(path):
+        check_integrity(ckpt, path)  # a flipped bit: refused naming the file
     spec = (ckpt.get("hyper_parameters") or {}).get("spec") if isinstance(ckpt, dict) else None
     if not isinstance(spec, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cheers_pl.io.integrity import seal
 from cheers_pl.io.released_config import SPEC_KEY, read_released_config, spec_from_released_config
 from cheers_pl.io.released_names import (
     EMBED,
@@ -373,7 +374,7 @@ def write_kit_weights(src: str | Path, out: str | Path, dtype: str = "keep", str
     if out.suffix in (".pt", ".ckpt"):
         out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"state_dict": {"model." + k: v for k, v in kit.items()}, "cheers_spec": spec_dict}
-        torch.save({**payload, "conversion_report": report.to_dict()}, out)
+        torch.save(seal({**payload, "conversion_report": report.to_dict()}), out)  # with its integrity hash
         return report
     out.mkdir(parents=True, exist_ok=True)
     save_file(unshared(kit), str(out / KIT_WEIGHTS), {"format": "pt"})

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from cheers_pl.io.integrity import seal
+
 META = "meta.pt"  # Lightning's file beside the shards (lightning.fabric.utilities.load._METADATA_FILENAME)
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards
 
@@ -99,7 +101,8 @@ def consolidate(src_dir: str | Path, dst_file: str | Path | None = None, overwri
     """Write the sharded checkpoint ``src_dir`` as one ``.ckpt`` file and return its path.
 
     ``dst_file`` defaults to ``<src_dir>.consolidated`` beside the folder (Lightning's default).
-    The file loads with ``torch.load(weights_only=True)``, in a one-process Trainer
+    The file carries an integrity hash (:mod:`cheers_pl.io.integrity`) and loads with
+    ``torch.load(weights_only=True)``, in a one-process Trainer
     (``ckpt_path=``; optimiser states included) and in the kit's loaders. An existing
     ``dst_file`` is refused unless ``overwrite``.
     """
@@ -110,7 +113,7 @@ def consolidate(src_dir: str | Path, dst_file: str | Path | None = None, overwri
     checkpoint = read_sharded(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
-    torch.save(checkpoint, tmp)
+    torch.save(seal(checkpoint), tmp)  # with its integrity hash, checked by the kit's loaders
     tmp.replace(dst)  # no half-written checkpoint under the final name
     return dst
 

@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from cheers_pl.io.integrity import CheckpointCorruptError, load_checked
 from cheers_pl.io.sharded import is_sharded_checkpoint, read_sharded
 
 PREFIX = "model."
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The CheersModel state dict in a Lightning checkpoint (``torch.load(weights_only=True)``): a
-    file, or the folder of a sharded (FSDP) checkpoint, gathered into one state in CPU memory."""
+    """The CheersModel state dict in a Lightning checkpoint (``torch.load(weights_only=True)``, its
+    integrity hash checked: :func:`cheers_pl.io.integrity.load_checked`): a file, or the folder of
+    a sharded (FSDP) checkpoint, gathered into one state in CPU memory."""
     path = Path(path)
     if is_sharded_checkpoint(path):
         ckpt = read_sharded(path)
     elif path.is_file():
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = load_checked(path)
+        except CheckpointCorruptError:
+            raise
         except Exception as err:  # a pickled object weights_only refuses, a corrupt or foreign file
             raise ValueError(
                 f"{path} cannot be read as a checkpoint with weights_only=True ({type(err).__name__}: {err})"
@@ -71,3 +76,30 @@ def load_model_weights(
     check_fit(own, state, path, allow_missing, allow_unexpected)
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return {"kept_initial": sorted(set(own) - set(state)), "ignored": sorted(set(state) - set(own))}
+
+
+def producing_target(init_from: str | Path, class_path: str | None = None) -> str:
+    """The ``make`` target that writes ``init_from``: ``make stage1`` (``PRESET=tiny`` for a
+    ``runs/tiny/...`` path), from the path's ``stageN`` folder or else the stage before ``class_path``'s."""
+    from cheers_pl.stages import STAGES
+
+    parts = Path(init_from).parts
+    stage = next((p for p in reversed(parts) if re.fullmatch(r"stage[1-4]", p)), None)
+    if stage is None and class_path:
+        names = [cls.__name__ for cls in STAGES.values()]
+        name = class_path.rpartition(".")[2]
+        stage = f"stage{names.index(name)}" if name in names[1:] else None
+    if stage is None:
+        return ""
+    tiny = stage in parts and parts.index(stage) >= 1 and parts[parts.index(stage) - 1] == "tiny"
+    return f"make {stage}" + (" PRESET=tiny" if tiny else "")
+
+
+def missing_init_from_message(init_from: str | Path, class_path: str | None = None) -> str:
+    """One line for an ``init_from`` that does not exist: the file and what produces it."""
+    target = producing_target(init_from, class_path)
+    made = f"; it is written by `{target}` (the previous stage): run that first" if target else ""
+    return (
+        f"model.init_args.init_from: no checkpoint at {init_from}{made}, or point "
+        "--model.init_args.init_from at another checkpoint (null: random initial weights)"
+    )
