@@ -10,21 +10,40 @@ A bad config fails before any weight is allocated or any data is read: jsonargpa
 unknown keys and wrong types while parsing (the message here adds the valid keys and the
 nearest ones); the stage module and the DataModule check their values, sizes, modes and
 ratios in ``__init__``, and that error is raised as it is, not inside jsonargparse's union
-report. Checkpoints (``--ckpt_path``) load with ``weights_only=True`` only.
+report. Checkpoints (``--ckpt_path``) load with ``weights_only=True`` only, their integrity
+hash checked (:mod:`cheers_pl.io.integrity`).
+
+Resuming (:mod:`cheers_pl.io.resume`): ``--ckpt_path last`` with no ``last.ckpt`` is refused
+naming the folder searched (``--ckpt_path auto``: resume when there is one, else start fresh);
+a checkpoint of another stage, spec or data tasks than the config is refused naming both
+(``--allow_stage_switch true`` resumes it under the config's stage, spec and data); a resumed
+run does not load ``init_from`` (the checkpoint's weights replace it). A missing ``init_from``
+names the ``make`` target that writes it; ``data.image_size`` must match the model's. ``fit``
+holds the run folder's lock (:mod:`cheers_pl.io.run_lock`): a second fit in the same
+``default_root_dir`` is refused naming the first one's pid.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import sys
 from importlib import import_module
+from pathlib import Path
 from typing import Any, NoReturn
 
 import jsonargparse
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cheers_pl.data.datamodule import CheersDataModule
+from cheers_pl.io import resume
+from cheers_pl.io.checkpoint_io import DiskFullError
+from cheers_pl.io.integrity import CheckpointCorruptError
+from cheers_pl.io.run_lock import RunFolderBusy, RunLock, is_launching_process
+from cheers_pl.io.sharded import is_sharded_checkpoint
 from cheers_pl.stages.base import CheersModule
+from cheers_pl.stages.weights import missing_init_from_message
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 _UNION = "Does not validate against any of the Union subtypes"
@@ -120,10 +139,90 @@ def _unwrap(err: BaseException) -> BaseException:
 
 
 class CheersCLI(LightningCLI):
-    """LightningCLI with config errors that name the key and the valid choices (module docstring)."""
+    """LightningCLI with config errors that name the key and the valid choices, checked resumes
+    and a run-folder lock (module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        self._lock: RunLock | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--allow_stage_switch",
+            type=bool,
+            default=False,
+            help="resume a --ckpt_path of another stage, spec or data tasks than the config, under the "
+            "config's (by default such a checkpoint is refused, naming both)",
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``last`` / ``auto``, refuse a checkpoint that disagrees with the config, then
+        merge its hyperparameters as LightningCLI does (not when switching stage), and drop
+        ``init_from`` (the resumed weights replace it)."""
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        cfg = self.config[sub]
+        try:
+            path, note = resume.resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("trainer"))
+        except FileNotFoundError as err:
+            self.parser.error(f"{sub}: {err}")
+        cfg.ckpt_path = path
+        if note:
+            print(f"cheers {sub}: {note}", file=sys.stderr)
+        if path is None or path in ("best", "hpc") or "://" in str(path):
+            return
+        if not (Path(path).is_file() or is_sharded_checkpoint(path)):
+            self.parser.error(f"{sub}: --ckpt_path {path}: no checkpoint there (no file, no sharded folder)")
+        try:
+            info = resume.read_resume_info(path)
+        except CheckpointCorruptError as err:
+            self.parser.error(f"{sub}: {err}")
+        found = resume.disagreements(info, cfg.get("model"), cfg.get("data"))
+        if found and not cfg.get("allow_stage_switch"):
+            self.parser.error(f"{sub}: {resume.mismatch_message(path, found)}")
+        if found:
+            switch = "; ".join(found)
+            print(f"cheers {sub}: --allow_stage_switch: {switch}; the config's win", file=sys.stderr)
+        elif Path(path).is_file():
+            self._merge_hparams(sub, info["hparams"])
+        init_args = self.config[sub].model.get("init_args")
+        if init_args is not None and init_args.get("init_from"):
+            print(
+                f"cheers {sub}: resuming {path}: init_from {init_args.init_from} is not loaded "
+                "(the checkpoint's weights replace it)",
+                file=sys.stderr,
+            )
+            init_args.init_from = None
+
+    def _merge_hparams(self, sub: str, hparams: dict) -> None:
+        """LightningCLI's merge of a checkpoint's hyperparameters into the config (``_parse_ckpt_path``)."""
+        hparams = dict(hparams)
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
 
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
+        if sub:
+            self._check_init_from(sub)
+        if sub == "fit" and is_launching_process():
+            root = self.config[sub].trainer.get("default_root_dir") or os.getcwd()
+            try:
+                self._lock = RunLock(root, "cheers fit").acquire()
+            except RunFolderBusy as err:
+                raise SystemExit(f"cheers fit: {err}") from None
         if sub and "weights_only" in self.config[sub]:
             if self.config[sub]["weights_only"] is False:
                 self.parser.error(
@@ -131,6 +230,14 @@ class CheersCLI(LightningCLI):
                     "(a pickled object in a checkpoint can run code); valid choices are [true, null]"
                 )
             self.config[sub]["weights_only"] = True
+
+    def _check_init_from(self, sub: str) -> None:
+        model = self.config[sub].get("model")
+        init_from = model.get("init_args", {}).get("init_from") if model is not None else None
+        if init_from:
+            init_from = os.path.normpath(init_from)
+            if not (Path(init_from).is_file() or is_sharded_checkpoint(init_from)):
+                self.parser.error(f"{sub}: {missing_init_from_message(init_from, model.get('class_path'))}")
 
     def instantiate_classes(self) -> None:
         try:
@@ -140,6 +247,18 @@ class CheersCLI(LightningCLI):
             if inner is err:
                 raise
             raise inner from None
+        self._check_image_size()
+
+    def _check_image_size(self) -> None:
+        """``data.image_size``, when set, must be the model's (it fails at the first step otherwise)."""
+        data_size = getattr(self.datamodule, "image_size", None)
+        model_size = getattr(self.model, "image_size", None)
+        if data_size is not None and model_size is not None and data_size != model_size:
+            self.parser.error(
+                f"data.image_size={data_size} but the model's image size is {model_size} (from its spec: "
+                "the semantic encoder's and the VAE's sizes); drop data.image_size (it is taken from the "
+                f"model) or set it to {model_size}"
+            )
 
 
 def run(argv: list[str]) -> LightningCLI:
@@ -157,6 +276,11 @@ def run(argv: list[str]) -> LightningCLI:
 
 
 def main(argv: list[str]) -> int:
-    """``cheers fit ...`` etc.: ``argv`` starts with the subcommand."""
-    run(argv)
+    """``cheers fit ...`` etc.: ``argv`` starts with the subcommand. A full disk while saving ends
+    with one line (:class:`~cheers_pl.io.checkpoint_io.DiskFullError`), exit code 1."""
+    try:
+        run(argv)
+    except DiskFullError as err:
+        print(f"cheers {argv[0] if argv else ''}: {err}", file=sys.stderr)
+        return 1
     return 0
