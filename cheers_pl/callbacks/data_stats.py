@@ -66,6 +66,7 @@ class DataStatsCallback(L.Callback):
             raise ValueError(f"every_n_steps={every_n_steps!r} must be >= 1 or null (log_every_n_steps)")
         self.every_n_steps = every_n_steps
         self.last: dict[str, int] = {}
+        self._published_at = -1  # the optimizer step last published (accumulation repeats steps)
 
     def _publish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         stats = _stats(trainer)
@@ -85,7 +86,8 @@ class DataStatsCallback(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         every = self.every_n_steps or max(1, trainer.log_every_n_steps)
-        if trainer.global_step % every == 0:
+        if trainer.global_step % every == 0 and trainer.global_step != self._published_at:
+            self._published_at = trainer.global_step
             self._publish(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
