@@ -286,3 +286,14 @@ def test_unknown_freeze_names_list_the_choices(tmp_path):
     assert re.search(
         r"freeze: unknown module\(s\) \['lm'\]; valid choices are \['llm', 'semantic_encoder'", text
     )
+
+
+# -- data.image_size vs the model (issue 14, item 7) -----------------------------------------------
+def test_a_data_image_size_other_than_the_models_is_a_parse_error(tmp_path, capsys):
+    err = parse_error(tmp_path, {"data": {"image_size": 64}}, capsys)
+    assert_has(err, "data.image_size=64 but the model's image size is 32", "drop data.image_size")
+
+
+def test_a_data_image_size_equal_to_the_models_is_fine(tmp_path):
+    with pytest.raises(RunStarted):
+        fit(tmp_path, {"data": {"image_size": 32}, "trainer": {"max_steps": 1}})
