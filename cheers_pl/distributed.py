@@ -19,20 +19,38 @@ shard per rank plus ``meta.pt``); ``ckpt_path=`` resumes from it on the same or 
 size, and :func:`cheers_pl.io.sharded.consolidate` turns it into one ``.ckpt`` file.
 
 ``CheersDeepSpeedStrategy`` is the DeepSpeed ZeRO alternative (stage 2 or 3); see its docstring.
+
+Runs that cannot hang for ever (any strategy, ``ddp`` included): :class:`RunGuard`, a callback
+every ``CheersModule`` adds (``configure_callbacks``), sets the process group's timeout
+(``model.init_args.collective_timeout_s``, 30 min by default), names the likely cause when a
+collective fails or times out, saves a last checkpoint on SIGTERM (Lightning's signal handling;
+exit code 143), and ends a process whose main thread is stuck in a collective when SIGTERM
+arrives (``sigterm_grace_s`` later: a hung collective never returns to Python, where Lightning's
+handler runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
 from collections.abc import Generator
+from datetime import timedelta
 from typing import Any
 
 import torch
 from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
@@ -201,3 +219,141 @@ def full_params(trainer) -> Generator[None, None, None]:
             yield
     else:
         yield
+
+
+# -- runs that cannot hang for ever ----------------------------------------------------------------
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # 143, as a shell reports a process ended by SIGTERM
+_BACKENDS = ("gloo", "nccl", "c10d", "processgroup")
+_FAILURES = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+
+
+def explain_collective_error(err: BaseException, timeout_s: float | None = None) -> str | None:
+    """One line naming the likely cause when ``err`` (or what caused it) is a failed or timed-out
+    collective (a ``torch.distributed.DistError``, or a backend's timeout / lost-peer message),
+    else None."""
+    chain, seen = [], err
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(str(e).lower() for e in chain)
+    dist_error = any(isinstance(e, getattr(torch.distributed, "DistError", ())) for e in chain)
+    backend = any(k in text for k in _BACKENDS) and any(k in text for k in _FAILURES)
+    if not (dist_error or backend):
+        return None
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else "?"
+    what = "timed out" if "time" in text else "failed (a peer left)"
+    limit = f" after collective_timeout_s={timeout_s:g}" if timeout_s is not None and "time" in text else ""
+    return (
+        f"cheers: rank {rank}: a collective {what}{limit}: the ranks did not run the same collectives. "
+        "Likely cause: a rank that got a different task and left a module without a gradient "
+        "(CheersModel.idle_pass='never'?), a rank that skipped or added a collective or a step "
+        "(a shorter data stream, a rank-only branch), or a rank that died or stalled: read the other "
+        "ranks' last lines. Raise model.init_args.collective_timeout_s only for slow ranks."
+    )
+
+
+class RunGuard(Callback):
+    """Collective timeout, a clear line for a hung collective, SIGTERM handling (module docstring).
+
+    Args:
+        collective_timeout_s: the default process group's timeout, set at ``setup`` (a hung
+            collective then raises on its rank after this many seconds instead of waiting for ever).
+        sigterm_grace_s: after SIGTERM, how long Lightning's handler may take to start; a process
+            whose main thread has not run it by then is stuck in C (a collective) and exits
+            with code 143 (rank 0 kills the ranks it launched first). 0: never.
+    """
+
+    def __init__(self, collective_timeout_s: float = 1800.0, sigterm_grace_s: float = 60.0):
+        if not collective_timeout_s > 0:
+            raise ValueError(f"collective_timeout_s={collective_timeout_s} must be > 0 (seconds)")
+        if sigterm_grace_s < 0:
+            raise ValueError(f"sigterm_grace_s={sigterm_grace_s} must be >= 0 (seconds; 0: never)")
+        self.collective_timeout_s, self.sigterm_grace_s = collective_timeout_s, sigterm_grace_s
+        self._watchdog: _SigtermWatchdog | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.set_timeout(timedelta(seconds=self.collective_timeout_s))
+        if self.sigterm_grace_s and self._watchdog is None and _in_main_thread():
+            self._watchdog = _SigtermWatchdog(trainer, self.sigterm_grace_s)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            save_last_on_sigterm(trainer)
+            exception.code = SIGTERM_EXIT_CODE  # not 0: the run did not finish
+            return
+        line = explain_collective_error(exception, self.collective_timeout_s)
+        if line is not None:
+            exception.add_note(line)  # printed after the error's own message
+            print(line, file=sys.stderr, flush=True)
+
+
+def save_last_on_sigterm(trainer) -> None:
+    """Save each ``ModelCheckpoint``'s last checkpoint (``save_last``) unless this step's is saved."""
+    for cb in trainer.checkpoint_callbacks:
+        if not isinstance(cb, ModelCheckpoint) or not cb.save_last:
+            continue
+        if cb._last_global_step_saved == trainer.global_step or trainer.global_step == 0:
+            continue
+        cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
+        rank_zero_info(f"SIGTERM: saved {cb.last_model_path} at step {trainer.global_step}")
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+class _SigtermWatchdog:
+    """A thread that sees SIGTERM even while the main thread is blocked in C (``signal.set_wakeup_fd``:
+    the interpreter's C-level handler writes the signal number to a socket at once; Python handlers
+    wait for the main thread to return to Python, which a hung collective never does)."""
+
+    def __init__(self, trainer, grace_s: float):
+        self.trainer, self.grace_s = trainer, grace_s
+        self._read, self._write = socket.socketpair()
+        self._write.setblocking(False)
+        self._previous = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        self._thread = threading.Thread(target=self._watch, name="cheers-sigterm-watchdog", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if _in_main_thread():
+            signal.set_wakeup_fd(self._previous)
+        self._write.close()  # ends the thread's recv
+        self._read.close()
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                data = self._read.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            if signal.SIGTERM in data:
+                self._after_sigterm()
+
+    def _after_sigterm(self) -> None:
+        deadline = time.monotonic() + self.grace_s
+        while time.monotonic() < deadline:
+            if getattr(self.trainer, "received_sigterm", False):
+                return  # Lightning's handler ran: the run stops at the next batch, with a checkpoint
+            time.sleep(0.1)
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+        print(
+            f"cheers: rank {rank}: SIGTERM {self.grace_s:g} s ago and the main thread has not run "
+            "Python since: it is stuck in C, most likely a collective another rank never joined "
+            "(ranks with different tasks or steps); exiting with 143 without a checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        launcher = getattr(getattr(self.trainer, "strategy", None), "launcher", None)
+        for proc in getattr(launcher, "procs", []):  # the ranks this process started
+            with contextlib.suppress(Exception):
+                proc.kill()
+        os._exit(SIGTERM_EXIT_CODE)

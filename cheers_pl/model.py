@@ -85,8 +85,17 @@ def build_processor(spec: CheersSpec, resolved: ResolvedSpec | None = None) -> C
     )
 
 
+IDLE_PASS = ("auto", "always", "never")
+
+
 class CheersModel(nn.Module):
-    """CHEERS: unified vision tokenizer + Qwen2 LLM + cascaded flow-matching head."""
+    """CHEERS: unified vision tokenizer + Qwen2 LLM + cascaded flow-matching head.
+
+    ``idle_pass`` (an attribute, not a spec field: it changes no loss or gradient): see
+    :meth:`forward`; "auto" (default) runs the idle modules only under torch.distributed.
+    """
+
+    idle_pass: str = "auto"
 
     def __init__(self, spec: CheersSpec | None = None):
         super().__init__()
@@ -179,8 +188,14 @@ class CheersModel(nn.Module):
         of every position (B, L, V). With the loader's gather indices in the batch
         (``CheersProcessor.batch_index``) and no dummy image, nothing here reads a device value on
         the host: every size is known from tensor shapes.
+
+        Idle pass (``idle_pass``; "auto": on when a process group of more than one rank is up):
+        every trainable module runs on every batch, so that data-parallel ranks whose batches hold
+        other tasks run the same modules and collectives (:meth:`_idle_pass`). It changes no
+        loss value and adds exactly zero to every gradient.
         """
         dummies = None
+        idle = self.idle_pass_on()
         if self.spec.resolved_dummy_image == "released":
             batch = add_dummy_images(batch, self.processor, self.image_size)
             dummies = batch["dummy_images"]
@@ -207,7 +222,11 @@ class CheersModel(nn.Module):
                     t = t.index_fill(0, dummies, 0.0)  # the release's dummy: a black image at t = 0
             z0, t = z0.to(z1), t.to(z1.device, torch.float32)
             tokens, detail = self.visual_tokens(flow.interpolate(z1, z0, t))
+        elif idle:
+            idle_tokens, detail = self._idle_vision(input_ids.device)
         embeds, span = self.place_images(input_ids, tokens, positions)
+        if idle and not n_img:  # the vision path feeds the LLM as a real image would, times 0
+            embeds = embeds + (0.0 * idle_tokens.float().mean()).to(embeds.dtype)
         if dummies is not None and dummies.numel():  # a dummy is attended causally, like text
             slots = positions.view(n_img, n_tok)[dummies].flatten()
             span = span.flatten().index_fill(0, slots, -1).view_as(span)
@@ -236,6 +255,10 @@ class CheersModel(nn.Module):
             if gate_all is not None and n_gen:
                 gate = gate_all[gen] if rule != "generation" else gate_all
             v, target = v.detach(), target.detach()
+        elif idle:
+            loss_fm = loss_fm + self._idle_head(hidden, detail)
+        if idle and index["text_positions"].numel() == 0:  # an untied LM head gets no text loss
+            loss_text = loss_text + 0.0 * self.llm.lm_head(hidden.flatten(0, 1)[:1]).float().mean()
         loss = loss_text + self.spec.fm_weight * loss_fm
         t_out = t if n_img else None
         n_und = n_img - n_gen - (0 if dummies is None else dummies.numel())
@@ -244,6 +267,33 @@ class CheersModel(nn.Module):
         if return_logits:
             out.logits = self.llm.logits(hidden)
         return out
+
+    def idle_pass_on(self) -> bool:
+        """Whether :meth:`forward` runs the idle modules (``idle_pass``: "auto", "always", "never")."""
+        if self.idle_pass not in IDLE_PASS:
+            raise ValueError(f"idle_pass={self.idle_pass!r}; valid choices are {list(IDLE_PASS)}")
+        if self.idle_pass == "auto":
+            dist = torch.distributed
+            return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return self.idle_pass == "always"
+
+    def _idle_vision(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The vision path on one black image at t = 1 (no noise drawn): (tokens (1,T,H), detail (1,T,D)).
+
+        For a batch without images, so that the VAE encoder, pixel decoder, SigLIP and projector
+        run (FSDP gathers their units in forward) and get a gradient (DDP and ZeRO wait for one)."""
+        black = torch.zeros(1, 3, self.image_size, self.image_size, device=device)
+        return self.visual_tokens(self.vae.encode(black))
+
+    def _idle_head(self, hidden: Tensor, detail: Tensor) -> Tensor:
+        """0 x the CFM head's output on one image's worth of hidden states: a zero loss (scalar) whose
+        graph holds every head parameter. hidden (B, L, H); detail (N, T, D) of any image (or the
+        idle one). The head reads the LLM's output as a real pass does, so the backward reaches the
+        head before the LLM on every rank (FSDP's reduce-scatters come in the same order)."""
+        h = hidden.flatten(0, 1)[:1].expand(self.tokens_per_image, -1)[None]
+        t = torch.ones(1, device=hidden.device)
+        v, _ = self.cfm_head(h, t, detail[:1])
+        return 0.0 * v.float().mean()
 
     # -- generation ---------------------------------------------------------------------------
     def _prompt_rows(self, prompts: list[str], cfg: bool) -> dict[str, Tensor]:

@@ -36,6 +36,26 @@ def half_batches(model) -> list[dict]:
     return [first, second]
 
 
+def task_batch(model, task: str) -> dict:
+    """A one-sample batch of one task: "understanding" (photo + question), "generation" (caption ->
+    image) or "text"; each the matching row of :func:`cheers_pl.smoke.mixed_batch`, so that a rank
+    holding it leaves the other tasks' modules idle."""
+    from cheers_pl.smoke import mixed_batch
+
+    full = mixed_batch(model)
+    p = model.processor
+    row = {"understanding": 0, "generation": 1, "text": 2}[task]
+    image = {"understanding": 0, "generation": 1}.get(task)
+    sample = {"input_ids": full["input_ids"][row], "labels": full["labels"][row]}
+    sample["input_ids"] = sample["input_ids"][full["attention_mask"][row].bool()]
+    sample["labels"] = sample["labels"][full["attention_mask"][row].bool()]
+    batch = p.collate([sample])
+    if image is not None:
+        batch["images"] = full["images"][image : image + 1]
+    batch.update(p.batch_index(batch["input_ids"], batch["attention_mask"], batch["labels"]))
+    return batch
+
+
 def generators(rank: int, steps: int) -> list[torch.Generator]:
     """One generator per step for the half of ``rank``: the same draws (t, z0) wherever it runs."""
     return [torch.Generator().manual_seed(1000 * step + rank) for step in range(steps)]
@@ -311,3 +331,62 @@ def deepspeed_worker(rank: int, world_size: int, port: int, out_dir: str) -> Non
                 shard_numel=sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0 for p in params),
             )
     torch.save(result, f"{out_dir}/deepspeed{rank}.pt")
+
+
+# -- ranks with different tasks (tests/test_distributed_tasks.py) -------------------------------------
+TASK_PAIRS = {"und": ("generation", "understanding"), "text": ("generation", "text")}
+
+
+def fixed_noise(model, batch: dict, seed: int) -> dict:
+    """``batch`` with its images' z0 and t given (drawn from ``seed``): no draw left to the model,
+    so a rank and the single process compute the same losses."""
+    images = batch.get("images")
+    if images is None:
+        return batch
+    g = torch.Generator().manual_seed(seed)
+    n, c, s = images.shape[0], model.latent_channels, model.latent_side
+    gen = set(batch["gen_images"].tolist())
+    t = torch.tensor([float(torch.rand((), generator=g)) if i in gen else 1.0 for i in range(n)])
+    return {**batch, "z0": torch.randn(n, c, s, s, generator=g), "t": t}
+
+
+def pair_batches(model, pair: str) -> list[dict]:
+    """Rank r's one-task batch of ``TASK_PAIRS[pair]``, with fixed noise."""
+    return [
+        fixed_noise(model, task_batch(model, task), seed=10 + r) for r, task in enumerate(TASK_PAIRS[pair])
+    ]
+
+
+def task_split_worker(rank: int, world_size: int, port: int, state_path: str, out_dir: str) -> None:
+    """One optimiser step with each strategy ("ddp", "fsdp", "zero2"), rank 0 on a generation batch
+    and rank 1 on an understanding (pair "und") or a text batch (pair "text"); saves each run's
+    weights after the step. The process-group timeout is short: a rank left waiting fails fast."""
+    import deepspeed.comm.torch
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from cheers_pl.distributed import CheersDeepSpeedStrategy, CheersFSDPStrategy
+
+    _lightning_env(rank, world_size, port)
+    deepspeed.comm.torch.build_shm_op = lambda: None
+    result = {}
+    for name in ("ddp", "fsdp", "zero2"):
+        for pair in TASK_PAIRS:
+            module, _ = _module_and_batch(rank, collective_timeout_s=20.0)
+            module.configure_model()
+            module.model.load_state_dict(torch.load(state_path, weights_only=True))
+            batch = pair_batches(module.model, pair)[rank]
+            if name == "ddp":
+                strat = DDPStrategy(find_unused_parameters=False, process_group_backend="gloo")
+            elif name == "fsdp":
+                strat = CheersFSDPStrategy(process_group_backend="gloo")
+            else:
+                strat = CheersDeepSpeedStrategy(stage=2, process_group_backend="gloo")
+            trainer = _trainer(world_size, strat, 1, out_dir)
+            trainer.fit(module, train_dataloaders=Loader(batch, n=1))
+            if name == "fsdp":
+                state = full_state(trainer)
+                state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+            else:
+                state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+            result[f"{name}/{pair}"] = {"state": state, "global_step": trainer.global_step}
+    torch.save(result, f"{out_dir}/tasks{rank}.pt")

@@ -195,3 +195,39 @@ def test_generate_saves_the_gate_maps_as_png_on_request(model, tmp_path):
     out = model.generate(["a cat", "a cup"], steps=3, seed=0, gates_dir=str(tmp_path / "gates"))
     files = sorted(p.name for p in (tmp_path / "gates").glob("*.png"))
     assert out.gates.shape[:2] == (3, 2) and len(files) == 6 and files[0] == "sample00_step000.png"
+
+
+@pytest.mark.parametrize("task", ["understanding", "generation", "text"])
+def test_idle_pass_gives_every_trainable_parameter_a_zero_gradient_and_changes_no_loss(task):
+    """A rank whose batch holds one task only still runs every module (issue 14, item 11): the
+    vision path on a text batch, the CFM head on an understanding or text batch. The loss is
+    the same and every gradient the same, the idle modules' exactly zero."""
+    from tests.ddp_worker import task_batch
+
+    torch.manual_seed(0)
+    m = CheersModel(CheersSpec.tiny())
+    randomize_zero_inits(m)
+    m.vae.requires_grad_(False)
+    head = getattr(m.semantic_encoder.vit, "head", None)
+    if head is not None:
+        head.requires_grad_(False)
+    batch = task_batch(m, task)
+    results = {}
+    for mode in ("never", "always"):
+        m.idle_pass = mode
+        m.zero_grad(set_to_none=True)
+        out = m(batch, generator=torch.Generator().manual_seed(3))
+        out.loss.backward()
+        grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+        results[mode] = (out, grads)
+    (plain, g0), (idle, g1) = results["never"], results["always"]
+    assert idle.loss.item() == plain.loss.item() and idle.loss_fm.item() == plain.loss_fm.item()
+    missing = sorted(n for n, g in g1.items() if g is None)
+    assert not missing, f"no gradient on {task}: {missing[:5]}"
+    idle_names = [n for n, g in g0.items() if g is None]
+    assert idle_names or task == "generation"  # without the idle pass some modules sit out
+    for name, g in g1.items():
+        if g0[name] is None:
+            assert not g.any(), name  # exactly zero
+        else:
+            assert torch.equal(g, g0[name]), name

@@ -32,6 +32,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 from cheers_pl.components.dit import DiTBlock
 from cheers_pl.components.processor import CheersProcessor
 from cheers_pl.data.schema import TASKS
+from cheers_pl.distributed import RunGuard
 from cheers_pl.io.sharded import is_sharded_checkpoint
 from cheers_pl.model import CheersModel, CheersOutput, build_processor
 from cheers_pl.spec import CheersSpec
@@ -74,6 +75,12 @@ class CheersModule(L.LightningModule):
             ``semantic_encoder``, ``pixel_decoder``, ``projector``, ``cfm_head``); checked here
             (:func:`cheers_pl.stages.freezing.check_freeze`): unknown names and a list that
             leaves nothing to train fail before any weight exists.
+        collective_timeout_s: the process group's timeout (seconds): a collective that some rank
+            never joins (ranks running different steps) then ends the run with a line naming the
+            likely cause instead of hanging (:class:`cheers_pl.distributed.RunGuard`).
+        sigterm_grace_s: after SIGTERM, a process whose main thread is stuck in a collective for
+            this long exits (code 143, no checkpoint); otherwise SIGTERM stops the run at the next
+            batch with a last checkpoint (``save_last``) and exit code 143. 0: never.
     """
 
     trains: str = "all"
@@ -93,6 +100,8 @@ class CheersModule(L.LightningModule):
         skip_nonfinite: bool = True,
         max_nonfinite_steps: int = 10,
         freeze: list[str] | None = None,
+        collective_timeout_s: float = 1800.0,
+        sigterm_grace_s: float = 60.0,
     ):
         super().__init__()
         spec = spec or CheersSpec()
@@ -119,6 +128,7 @@ class CheersModule(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.compile_head, self.compile_options = compile_head, dict(compile_options or {})
         self.skip_nonfinite, self.max_nonfinite_steps = skip_nonfinite, max_nonfinite_steps
+        self.guard = RunGuard(collective_timeout_s, sigterm_grace_s)  # checks both values
         self.nonfinite = NonFiniteLedger()
         self._pending_rng: dict | None = None
         self.save_hyperparameters(ignore=["spec"])
@@ -198,6 +208,10 @@ class CheersModule(L.LightningModule):
         """Ids of the tokens CHEERS adds to the vocabulary."""
         p = self.model.processor
         return {p.image_id, p.image_gen_id, p.im_start_id, p.im_end_id, p.null_id}
+
+    def configure_callbacks(self) -> list:
+        """:class:`~cheers_pl.distributed.RunGuard`: collective timeout, SIGTERM handling."""
+        return [self.guard]
 
     # -- step ----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
