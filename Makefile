@@ -9,7 +9,11 @@ ARGS    ?=
 RUNS    ?= runs
 OVERLAY := $(if $(filter tiny,$(PRESET)),-c experiments/tiny.yaml,)
 THREADS := $(if $(filter tiny,$(PRESET)),CHEERS_NUM_THREADS=1,)
-STAGE_DATA := $(if $(filter tiny,$(PRESET)),data/demo/manifest.json,)
+TINY_VAE := $(RUNS)/tiny/vae
+# PRESET=tiny: the demo's VAE fit (fitted once, on the demo shards) instead of random tiny weights
+comma   := ,
+OVERLAY += $(if $(filter tiny,$(PRESET)),--model.init_args.spec.vae "{flavor: pretrained$(comma) path: $(TINY_VAE)}",)
+STAGE_DATA := $(if $(filter tiny,$(PRESET)),data/demo/manifest.json $(TINY_VAE)/config.json,)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test lint format clean bench bench-gpu bench-data stage1 stage2 stage3 stage4 tb demo sweep paper-tables faults
@@ -40,6 +44,9 @@ format: setup ## Apply ruff's fixes and formatting
 
 data/demo/manifest.json: | setup
 	$(BIN)/cheers data demo --out data/demo
+
+$(TINY_VAE)/config.json: data/demo/manifest.json
+	CHEERS_NUM_THREADS=1 $(BIN)/python -m cheers_pl.demo_vae --shards data/demo/understanding data/demo/generation --out $(TINY_VAE)
 
 stage1: setup $(STAGE_DATA) ## Stage I alignment (PRESET=tiny: CPU, tiny, demo shards; ARGS= passed on)
 	$(THREADS) $(BIN)/cheers fit -c experiments/stage1_alignment.yaml $(OVERLAY) --trainer.default_root_dir $(RUNS)/$(PRESET)/stage1 $(ARGS)

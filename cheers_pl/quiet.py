@@ -29,7 +29,7 @@ KNOWN_WARNINGS: tuple[tuple[str, str], ...] = (
 # (logger name, message regex, why): notices printed through logging rather than warnings
 KNOWN_LOG_LINES: tuple[tuple[str, str, str], ...] = (
     (
-        "lightning.pytorch.trainer.connectors.logger_connector.logger_connector",
+        "lightning.pytorch.utilities.rank_zero",  # rank_zero_info of the logger connector
         r".*Tip: For seamless cloud logging",
         "an advertisement for a cloud logger, printed on every Trainer",
     ),
