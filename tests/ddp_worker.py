@@ -390,3 +390,56 @@ def task_split_worker(rank: int, world_size: int, port: int, state_path: str, ou
                 state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
             result[f"{name}/{pair}"] = {"state": state, "global_step": trainer.global_step}
     torch.save(result, f"{out_dir}/tasks{rank}.pt")
+
+
+# -- hung collectives and SIGTERM (tests/test_distributed_signals.py) ---------------------------------
+def skipped_collective_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """A 1-step DDP fit (collective timeout 3 s) after which rank 0 makes one all-reduce that rank 1
+    skips: rank 1 stays alive 8 s more (busy elsewhere), so rank 0's collective can only end by the
+    timeout. Rank 0 saves what it raised and how long the collective took."""
+    import time
+
+    from lightning.pytorch.callbacks import Callback
+
+    _lightning_env(rank, world_size, port)
+
+    class ExtraCollective(Callback):
+        def on_train_end(self, trainer, pl_module):
+            if trainer.global_rank == 0:
+                self.start = time.monotonic()
+                torch.distributed.all_reduce(torch.ones(1))
+
+    module, batch = _module_and_batch(rank, collective_timeout_s=3.0)
+    extra = ExtraCollective()
+    trainer = _trainer(world_size, "ddp", 1, out_dir, [extra])
+    try:
+        trainer.fit(module, train_dataloaders=Loader(batch, n=1))
+    except Exception as err:
+        result = {"error": str(err), "notes": getattr(err, "__notes__", [])}
+        result["seconds"] = time.monotonic() - extra.start
+        torch.save(result, f"{out_dir}/skipped{rank}.pt")
+        return
+    if rank == 1:
+        time.sleep(8)
+
+
+def sigterm_in_collective_worker(rank: int, port: int, grace_s: float) -> None:
+    """Rank 0 blocks in an all-reduce rank 1 never joins (no timeout that soon) and is sent SIGTERM
+    1 s later, with a Python SIGTERM handler installed as Lightning's: only the watchdog of
+    :class:`cheers_pl.distributed.RunGuard` can end it (exit code 143)."""
+    import signal
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from cheers_pl.distributed import RunGuard
+
+    _init_group(rank, 2, port)
+    if rank == 1:
+        time.sleep(60)
+        return
+    signal.signal(signal.SIGTERM, lambda *_: None)  # the handler a hung main thread never runs
+    guard = RunGuard(collective_timeout_s=600.0, sigterm_grace_s=grace_s)
+    guard.setup(SimpleNamespace(received_sigterm=False, strategy=None), None, "fit")
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    torch.distributed.all_reduce(torch.ones(1))
