@@ -114,6 +114,9 @@ def _disk_full_message(target: Path) -> str:
         if target.is_file()
         else f"there was no earlier {target.name} to keep"
     )
+    last = target.with_name("last.ckpt")
+    if target.name != last.name and last.is_file():
+        previous += f"; {last.name} there is intact"
     return (
         f"no space left on the device of {target.parent} while writing {target.name}; the partial "
         f"file was removed and {previous}. Free space, then resume with --ckpt_path last"
