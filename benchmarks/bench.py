@@ -28,11 +28,13 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 
+from cheers_pl.cli_help import HelpFormatter
 from cheers_pl.components.llm import mixed_attention_mask
 from cheers_pl.model import CheersModel, generate_reference
 from cheers_pl.smoke import mixed_batch
@@ -83,6 +85,15 @@ def build(spec: CheersSpec) -> CheersModel:
             if p.numel() and not p.any():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     return model
+
+
+def progress(k: int, n: int, what: str, start: float) -> None:
+    """``row k/n`` on stderr as each measurement starts (stdout is the tables, printed at the end)."""
+    print(
+        f"bench: row {k}/{n} ({time.perf_counter() - start:.0f} s so far): {what}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
@@ -200,20 +211,34 @@ def mib(n: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument(
+        "--sizes", nargs="+", default=list(SIZES), choices=list(SIZES), help="model sizes to measure"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
 
     sizes, train, sampler = {}, {}, {}
-    for name in args.sizes:
+    rows_total = 2 * len(args.sizes) + 1
+    for i, name in enumerate(args.sizes):
         make_spec, n_prompts, steps = SIZES[name]
+        progress(
+            2 * i + 1, rows_total, f"{name}: build, then the training step ({args.repeats} repeats)", start
+        )
         model = build(make_spec())
         sizes[name] = model
         train[name] = bench_train(model, args.repeats)
+        progress(
+            2 * i + 2,
+            rows_total,
+            f"{name}: sampler, ours beside the reference ({args.repeats} repeats)",
+            start,
+        )
         sampler[name] = bench_sampler(model, n_prompts, steps, args.repeats)
+    progress(rows_total, rows_total, f"attention mask at L = {MASK_L}", start)
+    mask = bench_mask()
 
     print("## Sizes\n")
     rows = []
@@ -259,7 +284,6 @@ def main(argv: list[str] | None = None) -> int:
         "the prefix cache adds a little everywhere, so a measured speed-up can pass it."
     )
 
-    mask = bench_mask()
     print(f"\n## Attention mask at L = {MASK_L}\n")
     print(
         table(

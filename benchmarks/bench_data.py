@@ -11,10 +11,12 @@ reading, shuffling, decoding, preprocessing, tokenisation, collation) with N wor
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from cheers_pl.cli_help import HelpFormatter
 from cheers_pl.data.datamodule import CheersDataModule
 from cheers_pl.data.images import decode_image, resize_crop, resize_pad, to_tensor
 from cheers_pl.data.schema import IMAGE, from_raw
@@ -57,25 +59,48 @@ def loader_rate(root: Path, size: int, workers: int, batches: int, batch_size: i
     return batches * batch_size / seconds, n_images / seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def progress(k: int, n: int, what: str, start: float) -> None:
+    """``row k/n`` on stderr as each measurement starts (stdout is the table, printed at the end)."""
+    print(
+        f"bench-data: row {k}/{n} ({time.perf_counter() - start:.0f} s so far): {what}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument(
         "--shards", help="a folder with understanding/, generation/, text/ (default: build the demo)"
     )
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--batches", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    args = parser.parse_args()
+    parser.add_argument("--image-size", type=int, default=256, help="images are resized to this side")
+    parser.add_argument("--batches", type=int, default=40, help="timed batches per loader row")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per batch")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[0, 2], help="one loader row per worker count"
+    )
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    n = 1 + len(args.workers)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.shards) if args.shards else Path(tmp)
         if not args.shards:
             from data_recipes.demo import main as demo
 
-            demo(["--out", tmp])
+            print(f"bench-data: building the demo shards in {tmp}", file=sys.stderr, flush=True)
+            if demo(["--out", tmp]) != 0:
+                print(
+                    "bench-data: error: building the demo shards failed (above); nothing measured",
+                    file=sys.stderr,
+                )
+                return 1
         shards = [s for t in TASKS for s in expand_shards([str(root / t)])]
+        progress(1, n, "raw decode + resize, 1 process", start)
         rows = [("raw decode + resize (1 process)", "-", *raw_rate(shards, args.image_size))]
-        for w in args.workers:
+        for k, w in enumerate(args.workers, 2):
+            progress(
+                k, n, f"CheersDataModule, {w} workers ({args.batches} batches of {args.batch_size})", start
+            )
             rows.append(
                 (
                     "CheersDataModule",
@@ -88,7 +113,8 @@ def main() -> None:
     print(f"| {'-' * 34} | ------- | --------- | -------- |")
     for name, workers, sps, ips in rows:
         print(f"| {name:34s} | {workers:>7s} | {sps:9.1f} | {ips:8.1f} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
