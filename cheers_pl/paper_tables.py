@@ -287,6 +287,10 @@ def tables(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     return "\n".join(lines) + "\n", summary
 
 
+class DemoDataError(RuntimeError):
+    """The demo data could not be built (``data_recipes.demo`` returned non-zero; it printed why)."""
+
+
 def run_tables(
     out: str = "runs/paper_tables",
     data: str = "data/demo",
@@ -306,7 +310,8 @@ def run_tables(
     if not demo_data_current(data_dir):
         from data_recipes.demo import main as build_demo
 
-        build_demo(["--out", str(data_dir), "--overwrite"])
+        if build_demo(["--out", str(data_dir), "--overwrite"]) != 0:
+            raise DemoDataError(f"building the demo data in {data_dir} failed (the error is above)")
     shards = [str(data_dir / "understanding"), str(data_dir / "generation")]
     vae = Path(fit_and_save(shards, str(out_dir / "vae"), size=32, steps=vae_steps))
     overlay = _overlay(out_dir, vae, every=500)
@@ -356,15 +361,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-steps", type=int, default=400, help="fit steps of the demo VAE (cached)")
     a = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny models: see tests/conftest.py
-    run_tables(
-        a.out,
-        a.data,
-        a.seeds,
-        a.stage1_steps,
-        a.stage2_steps,
-        a.per_digit,
-        a.curve_steps,
-        a.rows,
-        a.vae_steps,
-    )
+    try:
+        run_tables(
+            a.out,
+            a.data,
+            a.seeds,
+            a.stage1_steps,
+            a.stage2_steps,
+            a.per_digit,
+            a.curve_steps,
+            a.rows,
+            a.vae_steps,
+        )
+    except DemoDataError as err:
+        parser.exit(1, f"{parser.prog}: error: {err}; nothing was trained\n")
     return 0

@@ -57,3 +57,16 @@ def test_two_seed_run_resumes_per_run(tmp_path):
     stamps = [p.stat().st_mtime_ns for p in results]
     assert main(args) == 0  # every run is done: nothing retrains
     assert [p.stat().st_mtime_ns for p in results] == stamps
+
+
+def test_a_failed_demo_build_stops_with_a_message_before_any_training(tmp_path, monkeypatch, capsys):
+    import cheers_pl.demo_vae
+    import data_recipes.demo
+
+    monkeypatch.setattr(data_recipes.demo, "main", lambda argv: 1)  # it printed its error and returned 1
+    monkeypatch.setattr(cheers_pl.demo_vae, "fit_and_save", lambda *a, **k: pytest.fail("went on to train"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["paper-tables", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert f"cheers paper-tables: error: building the demo data in {tmp_path / 'data'} failed" in err
