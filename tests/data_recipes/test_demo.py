@@ -85,7 +85,8 @@ def test_help(name, capsys):
 def test_module_main_help(module, capsys):
     with pytest.raises(SystemExit) as err:
         module.main(["--help"])
-    assert err.value.code == 0 and f"data_recipes.{module.__name__.split('.')[-1]}" in capsys.readouterr().out
+    name = module.__name__.split(".")[-1]
+    assert err.value.code == 0 and f"usage: cheers data {name} " in capsys.readouterr().out
 
 
 def test_cli_prints_a_summary(tmp_path, capsys):
