@@ -68,7 +68,7 @@ def _overlay(out: Path, vae: Path, preview_every: int, name: str, ema_decay: flo
         _callback("cheers_pl.callbacks.SensitivityCallback", every_n_steps=preview_every, samples=32),
         _callback("cheers_pl.callbacks.DemoEvalCallback", every_n_steps=2 * preview_every, per_digit=2,
                   max_reading=20),
-        _callback(f"{pl}.RichProgressBar"),
+        _callback("cheers_pl.callbacks.progress.CheersProgressBar"),
         _callback("cheers_pl.callbacks.DataStatsCallback"),
     ]  # fmt: skip
     if ema_decay is not None:

@@ -249,6 +249,12 @@ class CheersCLI(LightningCLI):
             raise inner from None
         self._check_image_size()
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        """Lightning's, with :class:`~cheers_pl.callbacks.progress.CheersProgressBar` and
+        :class:`~cheers_pl.callbacks.progress.ThroughputLog` added unless the config has its own."""
+        config["callbacks"] = _with_kit_callbacks(list(config.get("callbacks") or []))
+        return super()._instantiate_trainer(config, callbacks)
+
     def _check_image_size(self) -> None:
         """``data.image_size``, when set, must be the model's (it fails at the first step otherwise)."""
         data_size = getattr(self.datamodule, "image_size", None)
@@ -261,9 +267,21 @@ class CheersCLI(LightningCLI):
             )
 
 
+def _with_kit_callbacks(callbacks: list) -> list:
+    """``callbacks`` plus the kit's progress bar and throughput line, unless the config has its own."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from cheers_pl.callbacks.progress import CheersProgressBar, ThroughputLog
+
+    extra = [] if any(isinstance(c, ProgressBar) for c in callbacks) else [CheersProgressBar()]
+    extra += [] if any(isinstance(c, ThroughputLog) for c in callbacks) else [ThroughputLog()]
+    return [*callbacks, *extra]
+
+
 def run(argv: list[str]) -> LightningCLI:
     """Run LightningCLI on ``argv`` (starting with a subcommand)."""
     jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    sys.argv = sys.argv[:1]  # argv is given: LightningCLI would warn that sys.argv holds arguments too
     return CheersCLI(
         CheersModule,
         CheersDataModule,

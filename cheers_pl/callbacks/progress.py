@@ -67,12 +67,13 @@ class ThroughputLog(pl.Callback):
     """Every ``every_n_steps`` optimizer steps: samples/s, tokens/s and peak memory, printed and logged.
 
     Args:
-        every_n_steps: optimizer steps between two lines (and between two logged points).
+        every_n_steps: optimizer steps between two lines (and between two logged points); None:
+            ten times the trainer's ``log_every_n_steps``.
         print_line: print the line (rank 0); ``False`` only logs the ``perf/*`` scalars.
     """
 
-    def __init__(self, every_n_steps: int = 50, print_line: bool = True) -> None:
-        if every_n_steps < 1:
+    def __init__(self, every_n_steps: int | None = None, print_line: bool = True) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"ThroughputLog: every_n_steps={every_n_steps} must be >= 1")
         self.every_n_steps = every_n_steps
         self.print_line = print_line
@@ -84,6 +85,8 @@ class ThroughputLog(pl.Callback):
         self._start, self._samples, self._tokens = now, 0, 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_steps is None:
+            self.every_n_steps = 10 * max(1, trainer.log_every_n_steps)
         self._reset(time.perf_counter())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:

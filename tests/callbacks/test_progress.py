@@ -73,3 +73,14 @@ def test_progress_bar_has_no_version_number_and_no_minus_two(tmp_path):
 
 def test_si_suffixes():
     assert (_si(41.25), _si(5234.0), _si(1.2e6)) == ("41.2", "5.2k", "1.2M")
+
+
+def test_the_cli_adds_the_kit_bar_and_throughput_line_unless_the_config_has_its_own():
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from cheers_pl.lightning_cli import _with_kit_callbacks
+
+    added = _with_kit_callbacks([])
+    assert [type(c) for c in added] == [CheersProgressBar, ThroughputLog]
+    own = RichProgressBar()
+    assert [type(c) for c in _with_kit_callbacks([own, ThroughputLog(5)])] == [RichProgressBar, ThroughputLog]
