@@ -39,6 +39,7 @@ import socket
 import sys
 import threading
 import time
+import types
 from collections.abc import Generator
 from datetime import timedelta
 from typing import Any
@@ -276,6 +277,9 @@ class RunGuard(Callback):
             torch.distributed.set_timeout(timedelta(seconds=self.collective_timeout_s))
         if self.sigterm_grace_s and self._watchdog is None and _in_main_thread():
             self._watchdog = _SigtermWatchdog(trainer, self.sigterm_grace_s)
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None:  # read when Lightning registers its handlers, after this hook
+            connector._sigterm_notifier_fn = types.MethodType(_sigterm_flag_only, connector)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._watchdog is not None:
@@ -291,6 +295,19 @@ class RunGuard(Callback):
         if line is not None:
             exception.add_note(line)  # printed after the error's own message
             print(line, file=sys.stderr, flush=True)
+
+
+def _sigterm_flag_only(connector, signum, frame) -> None:
+    """Lightning's SIGTERM handler without its ``dist.broadcast``: a collective run from a signal
+    handler meets whatever collective another rank is in (a DDP bucket all-reduce, say), and gloo
+    aborts the process ("Received data size doesn't match expected size"). The training loop
+    broadcasts rank 0's flag before every batch, at the same point on every rank; that suffices."""
+    rank_zero_info(f"Received SIGTERM: {signum}; stopping after this batch (a last checkpoint is saved)")
+    if not connector.received_sigterm:
+        launcher = connector.trainer.strategy.launcher
+        if launcher is not None:
+            launcher.kill(signum)  # the ranks this process started
+    connector.received_sigterm = True
 
 
 def save_last_on_sigterm(trainer) -> None:
@@ -341,7 +358,7 @@ class _SigtermWatchdog:
     def _after_sigterm(self) -> None:
         deadline = time.monotonic() + self.grace_s
         while time.monotonic() < deadline:
-            if getattr(self.trainer, "received_sigterm", False):
+            if getattr(self.trainer, "received_sigterm", False):  # set by _sigterm_flag_only
                 return  # Lightning's handler ran: the run stops at the next batch, with a checkpoint
             time.sleep(0.1)
         rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))

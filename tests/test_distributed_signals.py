@@ -61,3 +61,15 @@ def test_run_guard_refuses_bad_values():
             assert next(iter(kwargs)) in str(err)
         else:
             raise AssertionError(kwargs)
+
+
+def test_sigterm_stops_a_two_rank_cheers_fit_with_a_last_checkpoint(tmp_path):
+    """A real ``cheers fit`` (stage I, tiny, 2 CPU ranks, DDP) sent SIGTERM after its first step: it
+    stops at the next batch, saves ``last.ckpt`` and exits with 143. (Lightning's own handler
+    broadcast from inside the signal handler, which met a DDP all-reduce and aborted rank 1.)"""
+    from tests.faults.cases_distributed import sigterm_fit
+
+    rc, step, log = sigterm_fit(tmp_path, devices=2)
+    assert rc == SIGTERM_EXIT_CODE, log[-2000:]
+    assert step is not None and step >= 1, log[-2000:]
+    assert "SIGTERM: saved" in log
