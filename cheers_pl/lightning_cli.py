@@ -29,6 +29,7 @@ import difflib
 import os
 import re
 import sys
+import warnings
 from importlib import import_module
 from pathlib import Path
 from typing import Any, NoReturn
@@ -252,7 +253,8 @@ class CheersCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         """Lightning's, with :class:`~cheers_pl.callbacks.progress.CheersProgressBar` and
         :class:`~cheers_pl.callbacks.progress.ThroughputLog` added unless the config has its own."""
-        config["callbacks"] = _with_kit_callbacks(list(config.get("callbacks") or []))
+        bar = config.get("enable_progress_bar") is not False
+        config["callbacks"] = _with_kit_callbacks(list(config.get("callbacks") or []), bar)
         return super()._instantiate_trainer(config, callbacks)
 
     def _check_image_size(self) -> None:
@@ -267,13 +269,15 @@ class CheersCLI(LightningCLI):
             )
 
 
-def _with_kit_callbacks(callbacks: list) -> list:
-    """``callbacks`` plus the kit's progress bar and throughput line, unless the config has its own."""
+def _with_kit_callbacks(callbacks: list, progress_bar: bool = True) -> list:
+    """``callbacks`` plus the kit's progress bar (when ``progress_bar``: the trainer's
+    ``enable_progress_bar``) and throughput line, unless the config has its own."""
     from lightning.pytorch.callbacks import ProgressBar
 
     from cheers_pl.callbacks.progress import CheersProgressBar, ThroughputLog
 
-    extra = [] if any(isinstance(c, ProgressBar) for c in callbacks) else [CheersProgressBar()]
+    has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
+    extra = [] if has_bar or not progress_bar else [CheersProgressBar()]
     extra += [] if any(isinstance(c, ThroughputLog) for c in callbacks) else [ThroughputLog()]
     return [*callbacks, *extra]
 
@@ -281,7 +285,9 @@ def _with_kit_callbacks(callbacks: list) -> list:
 def run(argv: list[str]) -> LightningCLI:
     """Run LightningCLI on ``argv`` (starting with a subcommand)."""
     jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    sys.argv = sys.argv[:1]  # argv is given: LightningCLI would warn that sys.argv holds arguments too
+    # argv is given, and LightningCLI warns that sys.argv holds arguments too; sys.argv must stay
+    # whole all the same: Lightning's launcher starts ranks 1..N-1 by re-running it (issue 14, item 11)
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return CheersCLI(
         CheersModule,
         CheersDataModule,
