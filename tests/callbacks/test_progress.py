@@ -82,5 +82,6 @@ def test_the_cli_adds_the_kit_bar_and_throughput_line_unless_the_config_has_its_
 
     added = _with_kit_callbacks([])
     assert [type(c) for c in added] == [CheersProgressBar, ThroughputLog]
+    assert [type(c) for c in _with_kit_callbacks([], progress_bar=False)] == [ThroughputLog]
     own = RichProgressBar()
     assert [type(c) for c in _with_kit_callbacks([own, ThroughputLog(5)])] == [RichProgressBar, ThroughputLog]
