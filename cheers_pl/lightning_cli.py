@@ -218,6 +218,7 @@ class CheersCLI(LightningCLI):
         sub = self.config.get("subcommand")
         if sub:
             self._check_init_from(sub)
+            self._check_component_paths(sub)
         if sub == "fit" and is_launching_process():
             root = self.config[sub].trainer.get("default_root_dir") or os.getcwd()
             try:
@@ -239,6 +240,17 @@ class CheersCLI(LightningCLI):
             init_from = os.path.normpath(init_from)
             if not (Path(init_from).is_file() or is_sharded_checkpoint(init_from)):
                 self.parser.error(f"{sub}: {missing_init_from_message(init_from, model.get('class_path'))}")
+
+    def _check_component_paths(self, sub: str) -> None:
+        """Every ``flavor: pretrained`` folder of the spec must exist: one error names them all,
+        their public sources and ``cheers prepare`` (before any weight is built)."""
+        from cheers_pl.io.paper_layout import missing_component_paths, missing_message
+
+        model = self.config[sub].get("model")
+        spec = model.get("init_args", {}).get("spec") if model is not None else None
+        missing = missing_component_paths(vars(spec) if isinstance(spec, jsonargparse.Namespace) else spec)
+        if missing:
+            self.parser.error(f"{sub}: {missing_message(missing)}")
 
     def instantiate_classes(self) -> None:
         try:

@@ -90,3 +90,15 @@ def test_the_missing_message_names_every_folder_its_source_and_the_command():
     for word in ("checkpoints/flux2-vae", "qwen2.5-1.5b-instruct", "google/siglip2-so400m-patch16-512",
                  "black-forest-labs/FLUX.2-dev", "cheers prepare --siglip"):  # fmt: skip
         assert word in text
+
+
+def test_cheers_fit_refuses_stage1_without_its_folders_in_one_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no checkpoints/ here
+    args = ["fit", "-c", str(REPO / "experiments/stage1_alignment.yaml")]
+    with pytest.raises(SystemExit) as exc:
+        cheers([*args, "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    for word in ("checkpoints/flux2-vae", "checkpoints/siglip2-so400m-patch16-512", "cheers prepare"):
+        assert word in err
+    assert "Traceback" not in err
