@@ -209,7 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # see tests/conftest.py
     try:
         check_overlays(a.base, a.overlays)
-    except ValueError as err:
+        if a.clip is not None:  # checked now, not after every run has trained
+            from cheers_pl.eval.clip_score import check_clip_folder
+
+            check_clip_folder(a.clip)
+        if a.vae is not None and not (Path(a.vae) / "config.json").is_file():
+            raise FileNotFoundError(f"--vae {a.vae}: no diffusers VAE folder (config.json) there")
+    except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     run_sweep(a.base, a.overlays, a.out, a.preset, a.steps, a.seed, a.data_root, a.heldout, a.clip, a.vae)
     return 0

@@ -90,3 +90,16 @@ def test_a_missing_overlay_stops_before_any_run(tmp_path, monkeypatch, capsys):
         main(["sweep", "--overlays", "base", "nope.yaml", "--out", str(tmp_path)])
     assert exit_.value.code == 2
     assert "cheers sweep: error: no such YAML: nope.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "word"), [("--clip", "CLIP weights folder not found"), ("--vae", "no diffusers VAE folder")]
+)
+def test_a_wrong_clip_or_vae_folder_stops_before_any_run(tmp_path, monkeypatch, capsys, flag, word):
+    from cheers_pl import sweep
+
+    monkeypatch.setattr(sweep, "fit", lambda *a: pytest.fail("a run started"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", "--overlays", "base", "--out", str(tmp_path), flag, str(tmp_path / "nowhere")])
+    assert exit_.value.code == 2
+    assert word in capsys.readouterr().err

@@ -273,6 +273,12 @@ def _locate(path: str | Path) -> tuple[Path, Path]:
     )
 
 
+def check_clip_folder(path: str | Path) -> Path:
+    """``path`` if it is a usable local open_clip folder, else FileNotFoundError naming what is missing
+    (for commands that check their inputs before training)."""
+    return _locate(path)[0]
+
+
 class _DropRandomInitWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("No pretrained weights loaded for model")
