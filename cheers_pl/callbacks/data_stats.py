@@ -68,13 +68,20 @@ class DataStatsCallback(L.Callback):
         self.last: dict[str, int] = {}
         self._published_at = -1  # the optimizer step last published (accumulation repeats steps)
 
-    def _publish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _refresh(self, trainer: L.Trainer) -> dict[str, int] | None:
+        """Read the counters into ``last`` and write the nonzero ones to the loggers; None: no data module."""
         stats = _stats(trainer)
         if stats is None:
-            return
+            return None
         self.last = stats
         if stats:
             self._to_loggers(trainer, stats)
+        return stats
+
+    def _publish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stats = self._refresh(trainer)
+        if stats is None:
+            return
         for kind, n in by_kind(stats).items():
             pl_module.log(f"data/{kind}", float(n), prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
@@ -91,13 +98,8 @@ class DataStatsCallback(L.Callback):
             self._publish(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        stats = _stats(trainer)
-        if stats is None:
-            return
-        self.last = stats
-        if stats:
-            self._to_loggers(trainer, stats)
-        if trainer.is_global_zero:
+        stats = self._refresh(trainer)
+        if stats is not None and trainer.is_global_zero:
             print(summary(stats), flush=True)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
