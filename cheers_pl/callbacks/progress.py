@@ -93,7 +93,7 @@ class ThroughputLog(pl.Callback):
         if isinstance(batch, dict) and "attention_mask" in batch:
             mask = batch["attention_mask"]
             self._samples += int(mask.shape[0])
-            self._tokens += int(mask.sum())  # one host sync per step; the step has others (logging)
+            self._tokens = self._tokens + mask.sum()  # on the device: read only when a line is due
         step = trainer.global_step
         if step == 0 or step % self.every_n_steps or step == self._logged_step:
             return  # (under gradient accumulation several batches end at the same global step)
@@ -103,7 +103,7 @@ class ThroughputLog(pl.Callback):
         world = trainer.world_size
         self.last = {
             "perf/samples_per_s": self._samples * world / secs,
-            "perf/tokens_per_s": self._tokens * world / secs,
+            "perf/tokens_per_s": float(self._tokens) * world / secs,
             "perf/peak_mem_gib": peak_memory_gib(pl_module.device),
         }
         self._reset(now)
