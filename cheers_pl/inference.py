@@ -410,11 +410,13 @@ def _items(parser, args, single: dict[str, Any]) -> list[Item]:
 
 
 def _load(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The ``--model``: any format of :func:`~cheers_pl.io.export.load_any`; a LoRA checkpoint with
+    the base it names (its hash checked), the adapters merged in for speed."""
     from cheers_pl.io.export import load_any
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model = load_any(args.model).to(device).eval()
+        model = load_any(args.model, merge_lora=True).to(device).eval()
     except (ValueError, OSError, RuntimeError) as err:  # RuntimeError: an unknown --device
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     args.device = device

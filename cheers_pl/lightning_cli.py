@@ -238,7 +238,7 @@ class CheersCLI(LightningCLI):
         init_from = model.get("init_args", {}).get("init_from") if model is not None else None
         if init_from:
             init_from = os.path.normpath(init_from)
-            if not (Path(init_from).is_file() or is_sharded_checkpoint(init_from)):
+            if not Path(init_from).exists():  # a file, a sharded checkpoint, an exported / converted folder
                 self.parser.error(f"{sub}: {missing_init_from_message(init_from, model.get('class_path'))}")
 
     def _check_component_paths(self, sub: str) -> None:

@@ -21,6 +21,13 @@ Tensors that share storage (the LM head tied to the token embedding) are saved o
 ``hyper_parameters``), an exported folder, or a converted folder (``model.safetensors`` plus
 ``cheers_spec.json``, the spec as a dict). Every tensor must fit: a missing, unexpected or
 mis-shaped one is a ``ValueError`` that names them.
+
+A LoRA checkpoint (:mod:`cheers_pl.finetune`: only the adapters, ``checkpoint["lora"]`` naming
+the base model and its hash) loads as a base + adapter pair: the base it names (or ``base=``,
+any of the formats above) is loaded, its hash checked, the adapters put on it
+(:func:`load_lora_checkpoint`); ``merge_lora=True`` folds them in. ``cheers export ADAPTER.ckpt
+--merge-lora --out DIR`` writes the merged model as a plain exported folder.
+:func:`read_model_state` reads the model state of any of these (a stage's ``init_from``).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ SHARD = "model-{:05d}-of-{:05d}.safetensors"
 SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 CONVERTED_SPEC, CONVERTED_WEIGHTS = "cheers_spec.json", "model.safetensors"
 ARCHITECTURE = "CheersModel"
+LORA_KEY = "lora"  # cheers_pl.finetune.lora.CHECKPOINT_KEY: a LoRA checkpoint's record
 EXPECTED = (
     "a Lightning .ckpt of a cheers-pl stage, an exported folder (config.json + "
     f"{INDEX}), or a converted folder ({CONVERTED_WEIGHTS} + {CONVERTED_SPEC})"
@@ -198,6 +206,13 @@ def export_model(
     An existing non-empty folder is refused unless ``overwrite``, which first removes the files an
     export writes (so no stale shard of an earlier export stays behind).
     """
+    from cheers_pl.finetune.lora import is_lora
+
+    if is_lora(model):
+        raise ValueError(
+            "export: this model has unmerged LoRA adapters; merge them first "
+            "(cheers export --merge-lora, or cheers_pl.finetune.lora.merge_lora)"
+        )
     out = check_export_dir(out_dir, overwrite)
     max_bytes = parse_size(max_shard_size)
     if out.is_dir() and any(out.iterdir()):
@@ -284,19 +299,22 @@ def weight_files(path: str | Path) -> list[Path]:
     return sorted({path / f for f in _read_json(path / INDEX)["weight_map"].values()})
 
 
-def load_any(path: str | Path):
-    """A CheersModel (eval mode, on CPU) from a stage ``.ckpt``, an exported or a converted folder."""
+def load_any(path: str | Path, base: str | Path | None = None, merge_lora: bool = False):
+    """A CheersModel (eval mode, on CPU) from a stage ``.ckpt``, an exported or a converted folder,
+    or a LoRA checkpoint with its base (``base``: another base than the one it names; its hash is
+    checked all the same). ``merge_lora``: a LoRA model comes back with its adapters merged."""
     kind = detect_format(path)
+    if base is not None and kind != "checkpoint":
+        raise ValueError(f"base={base} is for a LoRA checkpoint; {path} is an {kind} folder")
     if kind == "exported":
         return load_exported(path)
     if kind == "converted":
         return load_converted(path)
-    return load_checkpoint(path)
+    return load_checkpoint(path, base=base, merge_lora=merge_lora)
 
 
-def load_exported(folder: str | Path):
-    """The CheersModel of an exported folder (:func:`export_model`), needing no other file."""
-    folder = Path(folder)
+def _exported_spec_and_state(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(the spec with its tokenizer path made absolute, the whole state) of an exported folder."""
     if not (folder / CONFIG).is_file():
         raise ValueError(f"{folder} has no {CONFIG}; expected an exported cheers-pl folder")
     config = _read_json(folder / CONFIG)
@@ -315,6 +333,13 @@ def load_exported(folder: str | Path):
     for dropped, kept in index.get("metadata", {}).get("tied", {}).items():
         if kept in state:
             state.setdefault(dropped, state[kept])
+    return spec, state
+
+
+def load_exported(folder: str | Path):
+    """The CheersModel of an exported folder (:func:`export_model`), needing no other file."""
+    folder = Path(folder)
+    spec, state = _exported_spec_and_state(folder)
     return build_and_load(spec, state, folder)
 
 
@@ -327,9 +352,8 @@ def load_converted(folder: str | Path):
     return build_and_load(spec, load_file(str(folder / CONVERTED_WEIGHTS)), folder)
 
 
-def load_checkpoint(path: str | Path):
-    """A Lightning checkpoint of any stage: the spec in ``hyper_parameters``, the ``model.*`` tensors."""
-    path = Path(path)
+def _read_checkpoint(path: Path) -> Any:
+    """A checkpoint file (integrity-checked) or sharded folder, read with ``weights_only=True``."""
     try:
         ckpt = (
             read_sharded(path)
@@ -342,6 +366,44 @@ def load_checkpoint(path: str | Path):
         ) from None
     if not is_sharded_checkpoint(path):
         check_integrity(ckpt, path)  # a flipped bit: refused naming the file
+    return ckpt
+
+
+def _read_training_checkpoint(path: Path) -> dict:
+    """A checkpoint as :func:`cheers_pl.stages.weights.read_state_dict` reads it (same errors: the
+    integrity hash checked, code refused), but whole: a LoRA one's record is needed too."""
+    from cheers_pl.io.integrity import CheckpointCorruptError, load_checked
+
+    if is_sharded_checkpoint(path):
+        ckpt = read_sharded(path)
+    elif path.is_file():
+        try:
+            ckpt = load_checked(path)
+        except CheckpointCorruptError:
+            raise
+        except Exception as err:  # a pickled object weights_only refuses, a corrupt or foreign file
+            raise ValueError(
+                f"{path} cannot be read as a checkpoint with weights_only=True ({type(err).__name__}: {err})"
+            ) from None
+    else:
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} holds {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, base: str | Path | None = None, merge_lora: bool = False):
+    """A Lightning checkpoint of any stage: the spec in ``hyper_parameters``, the ``model.*`` tensors;
+    a LoRA checkpoint: its base with the adapters (:func:`load_lora_checkpoint`)."""
+    path = Path(path)
+    return _from_checkpoint(_read_checkpoint(path), path, base, merge_lora)
+
+
+def _from_checkpoint(ckpt: Any, path: Path, base: str | Path | None = None, merge_lora: bool = False):
+    if isinstance(ckpt, dict) and LORA_KEY in ckpt:
+        return load_lora_checkpoint(ckpt, path, base, merge_lora)
+    if base is not None:
+        raise ValueError(f"base={base} is for a LoRA checkpoint; {path} is a full checkpoint (no adapters)")
     spec = (ckpt.get("hyper_parameters") or {}).get("spec") if isinstance(ckpt, dict) else None
     if not isinstance(spec, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(
@@ -351,6 +413,59 @@ def load_checkpoint(path: str | Path):
     state = ckpt["state_dict"]
     model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     return build_and_load(spec, model_state or state, path)
+
+
+def load_lora_checkpoint(
+    ckpt: dict, path: str | Path, base: str | Path | None = None, merge_lora: bool = False
+):
+    """A LoRA checkpoint's base + adapter pair: the base it names (``base``: another path; any
+    format) loaded, its hash checked against the recorded one, the adapters injected and loaded
+    (every one of them). ``merge_lora``: merged into the base weights before returning."""
+    from cheers_pl.finetune import lora as lo
+
+    record = ckpt[LORA_KEY]
+    spec = lo.LoraSpec.from_value(record.get("config"))
+    saved = record.get("base") or {}
+    base_path = str(base) if base is not None else lo.find_base(saved)
+    if base_path is None:
+        if saved.get("path") is None:
+            raise ValueError(
+                f"{path}: a LoRA checkpoint of a run without init_from (adapters on the spec's random "
+                "weights): there is no base model to load; pass the base with base= / --base"
+            )
+        raise ValueError(
+            f"{path}: the base model its LoRA adapters were trained on, {saved.get('path')} "
+            f"(absolute: {saved.get('abspath')}), is not there; pass where it is now with base= / --base"
+        )
+    model = load_any(base_path, merge_lora=True)
+    current = lo.base_record(base_path, detect_format(base_path), lo.base_digest(model))
+    if current["sha256"] != saved.get("sha256"):
+        raise ValueError(lo.base_mismatch_message(saved, current, str(path)))
+    lo.apply_lora(model, spec)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    lo.load_adapter_state(model, state, path)
+    if merge_lora:
+        lo.merge_lora(model)
+    return model.eval()
+
+
+def read_model_state(path: str | Path) -> dict[str, Tensor]:
+    """The CheersModel state (names without ``model.``) of a stage checkpoint, an exported or a
+    converted folder, or a LoRA checkpoint (its base with the adapters merged): a stage's
+    ``init_from``. Tensors are as saved (dtypes kept)."""
+    from cheers_pl.finetune.lora import base_state
+
+    path = Path(path)
+    kind = detect_format(path)
+    if kind == "exported":
+        return _exported_spec_and_state(path)[1]
+    if kind == "converted":
+        return load_file(str(path / CONVERTED_WEIGHTS))
+    ckpt = _read_training_checkpoint(path)
+    if LORA_KEY in ckpt:
+        return base_state(load_lora_checkpoint(ckpt, path, merge_lora=True))
+    state = ckpt.get("state_dict", ckpt)
+    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")} or state
 
 
 def build_and_load(spec: dict[str, Any] | CheersSpec, state: dict[str, Tensor], source: str | Path):
@@ -412,8 +527,27 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 # -- command ----------------------------------------------------------------------------------------
+def _load_for_export(path: str, merge_lora: bool, base: str | None):
+    """The model ``cheers export`` writes: a LoRA checkpoint only with ``merge_lora`` (merged), any
+    other format only without it. The checkpoint file is read once."""
+    kind = detect_format(path)
+    ckpt = _read_checkpoint(Path(path)) if kind == "checkpoint" else None
+    lora = isinstance(ckpt, dict) and LORA_KEY in ckpt
+    if lora and not merge_lora:
+        raise ValueError(
+            f"{path} is a LoRA checkpoint (adapters only); pass --merge-lora to write its base with the "
+            "adapters merged in"
+        )
+    if merge_lora and not lora:
+        raise ValueError(f"--merge-lora: {path} is not a LoRA checkpoint (it holds no adapters)")
+    if ckpt is not None:
+        return _from_checkpoint(ckpt, Path(path), base, merge_lora=True)
+    return load_any(path)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``cheers export MODEL --out DIR``: any model format -> a self-contained exported folder."""
+    """``cheers export MODEL --out DIR``: any model format -> a self-contained exported folder
+    (``--merge-lora``: a LoRA checkpoint's base with its adapters merged in)."""
     from cheers_pl.cli_help import make_parser
 
     parser = make_parser(
@@ -425,11 +559,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the folder to write")
     parser.add_argument("--max-shard-size", default="2GB", help="largest shard, e.g. 2GB, 500MB")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    parser.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="CKPT is a LoRA checkpoint: load its base, merge the adapters in, write a plain folder",
+    )
+    parser.add_argument(
+        "--base",
+        help="with --merge-lora: the base model (any format) when it is no longer where the LoRA "
+        "checkpoint says; its hash must match the recorded one",
+    )
     args = parser.parse_args(argv)
+    if args.base and not args.merge_lora:
+        parser.error("--base is for --merge-lora (a LoRA checkpoint's base model)")
     try:
         parse_size(args.max_shard_size)
         check_export_dir(args.out, args.overwrite)  # before the (slow) load
-        model = load_any(args.model)
+        model = _load_for_export(args.model, args.merge_lora, args.base)
         out = export_model(model, args.out, args.max_shard_size, args.overwrite)
     except (ValueError, OSError) as err:
         parser.exit(2, f"cheers export: error: {err}\n")

@@ -10,7 +10,10 @@ AdamW (weight decay 0) with a linear warm-up over ``warmup_ratio`` of the run, t
 or cosine schedule (transformers' schedule functions). Gradient clipping (1.0) and bf16 mixed
 precision are Trainer settings in the experiment YAMLs. The CheersModel is built in
 ``configure_model`` (so a config prints and a module instantiates without allocating weights);
-``init_from`` loads the previous stage's weights (weights only: new optimiser and schedule).
+``init_from`` loads the previous stage's weights (weights only: new optimiser and schedule): a
+stage checkpoint, an exported or a converted folder, or a LoRA checkpoint (merged). ``lora``
+trains LoRA adapters instead of the stage's modules (:mod:`cheers_pl.finetune`): everything
+else is frozen and the checkpoints hold the adapters only.
 Subclasses say what trains (``trains``) and their default learning rate and schedule.
 """
 
@@ -33,13 +36,15 @@ from cheers_pl.components.dit import DiTBlock
 from cheers_pl.components.processor import CheersProcessor
 from cheers_pl.data.schema import TASKS
 from cheers_pl.distributed import RunGuard
+from cheers_pl.finetune import training as lora_training
+from cheers_pl.finetune.lora import LoraSpec, adapter_parameter_names
 from cheers_pl.io.sharded import is_sharded_checkpoint
 from cheers_pl.model import CheersModel, CheersOutput, build_processor
 from cheers_pl.spec import CheersSpec
 from cheers_pl.stages import rng
 from cheers_pl.stages.freezing import apply_freeze, check_freeze
 from cheers_pl.stages.nonfinite import NonFiniteLedger
-from cheers_pl.stages.weights import load_model_weights
+from cheers_pl.stages.weights import check_fit
 
 SCHEDULES = ("constant", "cosine")
 TRAINS = ("new", "all")
@@ -55,7 +60,9 @@ class CheersModule(L.LightningModule):
         warmup_ratio: fraction of the run spent warming up linearly from 0.
         weight_decay: AdamW weight decay (the paper: 0).
         betas: AdamW betas.
-        init_from: a checkpoint of the previous stage whose model weights start this one.
+        init_from: the model whose weights start this one: a checkpoint of the previous stage, an
+            exported folder (``cheers export``), a converted release, or a LoRA checkpoint (its
+            base with the adapters merged). With ``lora``: the base model the adapters train on.
         gradient_checkpointing: recompute activations in the backward pass of the LLM's decoder
             layers, SigLIP's encoder layers and the CFM head's DiT blocks (non-reentrant
             ``torch.utils.checkpoint``; training only). For single-device or DDP runs; with
@@ -81,6 +88,11 @@ class CheersModule(L.LightningModule):
         sigterm_grace_s: after SIGTERM, a process whose main thread is stuck in a collective for
             this long exits (code 143, no checkpoint); otherwise SIGTERM stops the run at the next
             batch with a last checkpoint (``save_last``) and exit code 143. 0: never.
+        lora: train LoRA adapters (:class:`~cheers_pl.finetune.lora.LoraSpec`: rank, alpha,
+            dropout, target modules) on ``init_from``'s weights, every other weight frozen (whatever
+            the stage trains otherwise; ``freeze`` must then be empty). Checkpoints hold only the
+            adapters (plus optimiser state) and name the base and its hash, checked on resume
+            (:mod:`cheers_pl.finetune.training`). Single device or DDP (not sharded strategies).
     """
 
     trains: str = "all"
@@ -102,6 +114,7 @@ class CheersModule(L.LightningModule):
         freeze: list[str] | None = None,
         collective_timeout_s: float = 1800.0,
         sigterm_grace_s: float = 60.0,
+        lora: LoraSpec | None = None,
     ):
         super().__init__()
         spec = spec or CheersSpec()
@@ -119,9 +132,26 @@ class CheersModule(L.LightningModule):
             )
         if init_from is not None:
             init_from = os.path.normpath(init_from)  # "run/stage2/../stage1" before run/stage2 exists
-        if init_from is not None and not (Path(init_from).is_file() or is_sharded_checkpoint(init_from)):
+        if init_from is not None and not (Path(init_from).exists() or is_sharded_checkpoint(init_from)):
             raise FileNotFoundError(f"init_from: no checkpoint at {init_from}")
+        if init_from is not None:
+            from cheers_pl.io.export import detect_format  # here: io.export imports the stages
+
+            try:
+                detect_format(init_from)  # a folder that is no model: refused naming what it holds
+            except ValueError as err:
+                raise ValueError(f"init_from: {err}") from None
         self.resolved = spec.resolve()  # configs only: bad sizes, flavors and missing folders fail here
+        lora = LoraSpec.from_value(lora)
+        if lora is not None and freeze:
+            raise ValueError(
+                f"freeze={list(freeze)} with lora: every base weight is already frozen and only the adapters "
+                "train; choose what adapts with lora.llm_targets / lora.head_targets / lora.projector"
+            )
+        self.lora = lora
+        self._lora_base: dict | None = None
+        if lora is not None:
+            self.strict_loading = False  # a LoRA checkpoint holds the adapters only (checked on load)
         self.freeze = check_freeze(freeze, self.trains, spec)
         self.spec, self.lr, self.schedule, self.warmup_ratio = spec, lr, schedule, warmup_ratio
         self.weight_decay, self.betas, self.init_from = weight_decay, tuple(betas), init_from
@@ -131,8 +161,9 @@ class CheersModule(L.LightningModule):
         self.guard = RunGuard(collective_timeout_s, sigterm_grace_s)  # checks both values
         self.nonfinite = NonFiniteLedger()
         self._pending_rng: dict | None = None
-        self.save_hyperparameters(ignore=["spec"])
+        self.save_hyperparameters(ignore=["spec", "lora"])
         self.hparams["spec"] = asdict(spec)
+        self.hparams["lora"] = lora.as_dict() if lora is not None else None
         self.model: CheersModel | None = None
         self._processor = None
 
@@ -155,17 +186,30 @@ class CheersModule(L.LightningModule):
             return
         self.model = CheersModel(self.spec)
         if self.init_from is not None:
-            report = load_model_weights(self.model, self.init_from, *self.ablation_allowances())
+            report = self._load_init_from()
             for what, names in report.items():
                 if names:
                     rank_zero_info(
                         f"init_from {self.init_from}: {what.replace('_', ' ')}: {len(names)} tensors"
                     )
+        if self.lora is not None:
+            lora_training.attach(self)
         self.set_trainable()
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         if self.compile_head:
             self.model.cfm_head.compile(**self.compile_options)
+
+    def _load_init_from(self) -> dict[str, list[str]]:
+        """Load ``init_from``'s weights (any model format); report what an ablation kept or ignored."""
+        from cheers_pl.io.export import read_model_state
+
+        allow_missing, allow_unexpected = self.ablation_allowances()
+        state = read_model_state(self.init_from)
+        own = self.model.state_dict()
+        check_fit(own, state, self.init_from, allow_missing, allow_unexpected)
+        self.model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        return {"kept_initial": sorted(set(own) - set(state)), "ignored": sorted(set(state) - set(own))}
 
     def ablation_allowances(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(missing, unexpected) name prefixes this spec's ablations add / remove vs a standard model."""
@@ -180,8 +224,13 @@ class CheersModule(L.LightningModule):
     def set_trainable(self) -> None:
         """``trains="all"``: everything but the frozen VAE (and SigLIP's unused pooling head).
         ``trains="new"`` (stage I): only the modules CHEERS adds, and the added tokens' embedding rows.
-        Then the modules named in ``freeze`` are frozen."""
+        Then the modules named in ``freeze`` are frozen. With ``lora``: the adapters only."""
         m = self.model
+        if self.lora is not None:
+            adapters = adapter_parameter_names(m)
+            for name, p in m.named_parameters():
+                p.requires_grad_(name in adapters)
+            return
         m.requires_grad_(True)
         m.vae.requires_grad_(False)
         head = getattr(m.semantic_encoder.vit, "head", None)
@@ -245,8 +294,14 @@ class CheersModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng.gather()  # a collective: every rank runs this hook
         checkpoint["nonfinite"] = self.nonfinite.state_dict()
+        if self.lora is not None:
+            lora_training.strip_checkpoint(self, checkpoint)  # adapters only, the base named
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.lora is not None:
+            lora_training.restore(self, checkpoint)  # the base's hash, the adapter names
+        else:
+            lora_training.refuse_lora_checkpoint(checkpoint)
         if "rng_states" in checkpoint:
             self._pending_rng = rng.this_rank(checkpoint["rng_states"])
         if "nonfinite" in checkpoint:
