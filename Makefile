@@ -16,7 +16,7 @@ OVERLAY += $(if $(filter tiny,$(PRESET)),--model.init_args.spec.vae "{flavor: pr
 STAGE_DATA := $(if $(filter tiny,$(PRESET)),data/demo/manifest.json $(TINY_VAE)/config.json,)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format clean bench bench-gpu bench-data stage1 stage2 stage3 stage4 tb demo sweep paper-tables faults
+.PHONY: help setup test lint format clean bench bench-gpu bench-data stage1 stage2 stage3 stage4 tb demo sweep paper-tables faults readme-check
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ setup: $(STAMP) ## Create .venv and install the pinned requirements and the kit 
 
 test: setup ## Run the test suite (installs first)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+readme-check: setup ## Run the README's CPU blocks that take minutes, in a fresh copy (~25 min)
+	CHEERS_NUM_THREADS=1 $(BIN)/python -m pytest -m readme -s tests/test_readme.py $(PYTEST_ARGS)
 
 lint: setup ## ruff check and format check
 	$(BIN)/ruff check .

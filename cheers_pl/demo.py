@@ -17,6 +17,7 @@ minutes, T2I prompt-following >= 80% and held-out digit reading >= 90% (README: 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -98,6 +99,10 @@ def _stage(name: str, yaml: str, out: Path, data: Path, overlay: Path, steps: in
 
     configs = ["-c", str(EXPERIMENTS / yaml), "-c", str(EXPERIMENTS / "tiny.yaml"), "-c", str(overlay)]
     where = ["--trainer.default_root_dir", str(out / name), "--data.root", str(data)]
+    # the demo's own folders (a rerun replaces them, and says so), its stage I as stage II's start
+    where += ["--run_folder", "fixed"]
+    if name != "stage1":
+        where += ["--model.init_args.init_from", str(out / "stage1" / "checkpoints" / "last.ckpt")]
     main(["fit", *configs, *where, "--trainer.max_steps", str(steps)])
     return out / name / "checkpoints" / "last.ckpt"
 
@@ -155,6 +160,12 @@ def run_demo(
 
         if build_demo(["--out", str(data_dir), "--overwrite"]) != 0:  # the reason is the line above
             raise SystemExit(f"cheers demo: could not build the demo data in {data_dir}")
+    if any((out_dir / name / "checkpoints").is_dir() for name in ("stage1", "stage2")):
+        print(
+            f"cheers demo: replacing the checkpoints of the earlier demo run in {out_dir} (TensorBoard "
+            "keeps each run as tb/version_N); give --out another folder to keep them",
+            file=sys.stderr,
+        )
     shards = [str(data_dir / "understanding"), str(data_dir / "generation")]
     vae = Path(fit_and_save(shards, str(out_dir / "vae"), size=32, steps=vae_steps))
     overlay1 = _overlay(out_dir, vae, preview_every, "demo_overlay_stage1")

@@ -32,13 +32,13 @@ import sys
 import warnings
 from importlib import import_module
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import jsonargparse
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cheers_pl.data.datamodule import CheersDataModule
-from cheers_pl.io import resume
+from cheers_pl.io import resume, run_folder
 from cheers_pl.io.checkpoint_io import DiskFullError
 from cheers_pl.io.integrity import CheckpointCorruptError
 from cheers_pl.io.run_lock import RunFolderBusy, RunLock, is_launching_process
@@ -145,13 +145,34 @@ class CheersCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs):
         self._lock: RunLock | None = None
+        self._run: tuple[Path, Path] | None = None  # (stage folder, run folder) of a versioned fit
         try:
             super().__init__(*args, **kwargs)
+        except BaseException as err:
+            self._end_run(err)
+            raise
+        else:
+            self._end_run(None)
         finally:
             if self._lock is not None:
                 self._lock.release()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--preset",
+            type=str,
+            default="paper",
+            help="the run's preset name: the stage YAMLs write under runs/${preset}/stageN "
+            "(experiments/tiny.yaml sets tiny)",
+        )
+        parser.add_argument(
+            "--run_folder",
+            type=Literal[run_folder.MODES],
+            default="fixed",
+            help="versioned: trainer.default_root_dir is the stage folder, each fresh fit writes into "
+            "a run-<time> folder of it and 'latest' names the last finished run (the stage YAMLs set "
+            "this); fixed: everything directly in default_root_dir (Lightning's own behaviour)",
+        )
         parser.add_argument(
             "--allow_stage_switch",
             type=bool,
@@ -169,7 +190,8 @@ class CheersCLI(LightningCLI):
             return
         cfg = self.config[sub]
         try:
-            path, note = resume.resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("trainer"))
+            versioned = cfg.get("run_folder") == "versioned" and not run_folder.needs_shared_id()
+            path, note = resume.resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("trainer"), versioned)
         except FileNotFoundError as err:
             self.parser.error(f"{sub}: {err}")
         cfg.ckpt_path = path
@@ -219,12 +241,8 @@ class CheersCLI(LightningCLI):
         if sub:
             self._check_init_from(sub)
             self._check_component_paths(sub)
-        if sub == "fit" and is_launching_process():
-            root = self.config[sub].trainer.get("default_root_dir") or os.getcwd()
-            try:
-                self._lock = RunLock(root, "cheers fit").acquire()
-            except RunFolderBusy as err:
-                raise SystemExit(f"cheers fit: {err}") from None
+        if sub == "fit":
+            self._choose_run_folder()
         if sub and "weights_only" in self.config[sub]:
             if self.config[sub]["weights_only"] is False:
                 self.parser.error(
@@ -232,6 +250,54 @@ class CheersCLI(LightningCLI):
                     "(a pickled object in a checkpoint can run code); valid choices are [true, null]"
                 )
             self.config[sub]["weights_only"] = True
+
+    def _choose_run_folder(self) -> None:
+        """Take the stage folder's lock and, with ``run_folder: versioned``, move the run's paths
+        into its run folder (:mod:`cheers_pl.io.run_folder`)."""
+        cfg = self.config["fit"]
+        root = cfg.trainer.get("default_root_dir") or os.getcwd()
+        versioned = cfg.get("run_folder") == "versioned"
+        if versioned and run_folder.needs_shared_id():
+            versioned = False
+            if is_launching_process():
+                print(
+                    f"cheers fit: run_folder versioned needs an id all ranks share (SLURM_JOB_ID, torchrun "
+                    f"--rdzv-id or {run_folder.RUN_DIR_ENV}); writing into {root} itself",
+                    file=sys.stderr,
+                )
+        if is_launching_process():
+            try:
+                folder = run_folder.stage_folder(root) if versioned else root
+                self._lock = RunLock(folder, "cheers fit").acquire()
+            except RunFolderBusy as err:
+                raise SystemExit(f"cheers fit: {err}") from None
+        if not versioned:
+            return
+        stage, run, resumed, note = run_folder.choose_run_folder(root, cfg.get("ckpt_path"))
+        run_folder.move_paths(cfg, Path(root), run)
+        cfg.trainer.default_root_dir = str(run)
+        if is_launching_process():
+            run_folder.start(stage, run, resumed)
+            print(f"cheers fit: {note}", file=sys.stderr)
+        self._run = (stage, run)
+
+    def _end_run(self, error: BaseException | None) -> None:
+        """After a versioned fit: ``latest`` -> the run when it finished, else keep (or, when it took
+        no step, remove) its folder; one line either way."""
+        if self._run is None:
+            return
+        stage, run = self._run
+        self._run = None
+        run_folder.end()
+        if not is_launching_process():
+            return
+        trainer = getattr(self, "trainer", None)
+        step = int(getattr(trainer, "global_step", 0) or 0)
+        if error is None and trainer is not None and trainer.state.finished:
+            line = run_folder.finish(stage, run, step)
+        else:
+            line = run_folder.fail(run, step, error or RuntimeError("the fit did not finish"))
+        print(f"cheers fit: {line}", file=sys.stderr)
 
     def _check_init_from(self, sub: str) -> None:
         model = self.config[sub].get("model")

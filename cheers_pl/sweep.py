@@ -66,6 +66,7 @@ def fit(
     from cheers_pl.cli import main
 
     args = ["fit", *[a for c in configs for a in ("-c", c)], "--trainer.default_root_dir", str(root)]
+    args += ["--run_folder", "fixed"]  # a folder per run already (resumed from its last.ckpt)
     args += ["--trainer.max_steps", str(steps), "--seed_everything", str(seed), *extra]
     args += [
         "--trainer.log_every_n_steps",

@@ -68,6 +68,8 @@ def tiny_fit_args(
     configs = [REPO / "experiments/stage2_pretrain.yaml", REPO / "experiments/tiny.yaml", overlay]
     args = ["fit"] + [a for c in configs for a in ("-c", str(c))]
     return args + [
+        "--run_folder",
+        "fixed",
         "--trainer.default_root_dir",
         str(run),
         "--data.root",

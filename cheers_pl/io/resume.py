@@ -60,12 +60,34 @@ def find_last(folders: list[Path]) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
-def resolve_ckpt_path(ckpt_path: str | None, trainer_cfg: Any) -> tuple[str | None, str | None]:
+def versioned_folders(folders: list[Path], root: Path) -> list[Path]:
+    """``folders`` and, for each one under the stage folder of ``root``, the same place in every
+    run folder of it (:mod:`cheers_pl.io.run_folder`), newest run first."""
+    from cheers_pl.io.run_folder import run_folders, stage_folder
+
+    stage = stage_folder(root)
+    out = []
+    for folder in folders:
+        try:
+            rel = Path(os.path.normpath(folder)).relative_to(Path(os.path.normpath(root)))
+        except ValueError:
+            out.append(folder)
+            continue
+        out += [run / rel for run in reversed(run_folders(stage))] + [stage / rel]
+    return list(dict.fromkeys(out))
+
+
+def resolve_ckpt_path(
+    ckpt_path: str | None, trainer_cfg: Any, versioned: bool = False
+) -> tuple[str | None, str | None]:
     """``(path, note)``: ``last`` / ``auto`` made a real path (``auto`` with none: ``None``, start
-    fresh); ``note`` says what was chosen. Raises ``FileNotFoundError`` for ``last`` with none."""
+    fresh); ``note`` says what was chosen. Raises ``FileNotFoundError`` for ``last`` with none.
+    ``versioned``: the run folders of the stage are searched too (the newest ``last.ckpt`` wins)."""
     if ckpt_path not in ("last", "auto"):
         return ckpt_path, None
     folders = checkpoint_folders(trainer_cfg)
+    if versioned:
+        folders = versioned_folders(folders, Path(_get(trainer_cfg, "default_root_dir") or os.getcwd()))
     last = find_last(folders)
     searched = ", ".join(str(f) for f in folders)
     if last is not None:

@@ -145,5 +145,5 @@ def test_a_resume_does_not_need_the_previous_stages_file(tmp_path, hparams, reco
 
 def test_a_missing_init_from_names_the_make_target(tmp_path, recorder, capsys):
     line = refusal(capsys, "stage2", tmp_path / "tiny" / "stage2")
-    assert f"no checkpoint at {tmp_path / 'tiny' / 'stage1' / 'checkpoints' / 'last.ckpt'}" in line
+    assert f"no checkpoint at {tmp_path / 'tiny' / 'stage1' / 'latest' / 'checkpoints' / 'last.ckpt'}" in line
     assert "`make stage1 PRESET=tiny`" in line and not recorder

@@ -149,7 +149,7 @@ def fit(name, root, demo, *extra):
         "2",
     ]
     main([*args, "--trainer.enable_progress_bar", "false", *extra])
-    return root / name / "checkpoints" / "last.ckpt"
+    return root / name / "latest" / "checkpoints" / "last.ckpt"  # the last finished run (run_folder.py)
 
 
 def test_four_stages_run_tiny_and_hand_off(tmp_path, demo):
@@ -165,27 +165,31 @@ def test_four_stages_run_tiny_and_hand_off(tmp_path, demo):
     assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
     saved = torch.load(ckpts["stage2"], map_location="cpu", weights_only=True)
     assert saved["global_step"] == 2 and saved["hyper_parameters"]["init_from"].endswith(
-        "stage1/checkpoints/last.ckpt"
+        "stage1/latest/checkpoints/last.ckpt"
     )
     assert "CheersDataModule" in saved  # the data position travels with the checkpoint
 
 
 def test_resume_restores_the_stage_and_the_saved_config_reruns(tmp_path, demo):
     last = fit("stage1", tmp_path, demo)
-    fit("stage1", tmp_path, demo, "--ckpt_path", str(last), "--trainer.max_steps", "4")
+    run = last.resolve().parents[1]
+    fit("stage1", tmp_path, demo, "--ckpt_path", str(last), "--trainer.max_steps", "4")  # in the same run
+    assert last.resolve().parents[1] == run
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
-    config = sorted((tmp_path / "stage1" / "tb").glob("version_*/config.yaml"))[0]  # the first run's
+    config = sorted((run / "tb").glob("version_*/config.yaml"))[0]  # the first fit's
     text = config.read_text()
-    assert "${" not in text and str(tmp_path / "stage1" / "checkpoints") in text  # fully resolved
-    main(["fit", "-c", str(config), "--trainer.max_steps", "1"])  # reruns as it is, in the same place
+    assert "${" not in text and str(run / "checkpoints") in text  # fully resolved
+    main(["fit", "-c", str(config), "--trainer.max_steps", "1"])  # reruns as it is, as a new run beside
+    assert last.resolve().parents[1] != run
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 1
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4  # kept
 
 
 def test_start_up_errors_name_the_path(tmp_path, demo, capsys):
     with pytest.raises(SystemExit):  # a parse error, before the module is built
         fit("stage2", tmp_path, demo)  # no stage I run in this folder
     err = capsys.readouterr().err
-    assert "stage1/checkpoints/last.ckpt; it is written by `make stage1`" in err
+    assert "stage1/latest/checkpoints/last.ckpt; it is written by `make stage1`" in err
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty/understanding/? does not exist"):
         fit("stage1", tmp_path, tmp_path / "empty")
