@@ -475,13 +475,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     components = (args.siglip, args.qwen, args.vae)
     if args.src is None and all(c is None for c in components):
         parser.error("give SRC (a released Cheers folder) and/or --siglip/--qwen/--vae")
-    if args.src is not None:
-        report = write_kit_weights(args.src, args.out, args.dtype, strict=not args.allow_leftovers)
-        print(report.summary())
-        print(f"wrote kit weights to {args.out}")
+    try:
+        if args.src is not None:
+            report = write_kit_weights(args.src, args.out, args.dtype, strict=not args.allow_leftovers)
+            print(report.summary())
+            print(f"wrote kit weights to {args.out}")
+        if any(c is not None for c in components):
+            out = Path(args.out) if args.src is None else Path(args.out) / "components"
+            folders = convert_components(*components, out=out, vae_config=args.vae_config)
+    except OSError as err:  # a missing or unreadable folder or file: one line naming it
+        parser.exit(2, f"cheers convert: error: {err}\n")
     if any(c is not None for c in components):
-        out = Path(args.out) if args.src is None else Path(args.out) / "components"
-        folders = convert_components(*components, out=out, vae_config=args.vae_config)
         for name in ("siglip", "qwen", "vae"):
             if getattr(folders, name) is not None:
                 print(f"{name}: {getattr(folders, name)}")
