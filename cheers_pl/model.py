@@ -122,6 +122,36 @@ class CheersModel(nn.Module):
         p = self.processor
         self.register_buffer("placeholder_ids", torch.tensor([p.image_id, p.image_gen_id]), persistent=False)
 
+    # -- fast paths ---------------------------------------------------------------------------
+    @property
+    def fast(self) -> bool:
+        """Whether the VAE and the pixel decoder D run their CPU fast path (default True).
+
+        :mod:`cheers_pl.components.fast_conv`: channels-last convolutions, each nearest-upsample +
+        3x3 conv as four 2x2 convs, GroupNorm + SiLU with in-place activation, and glibc's malloc
+        told to keep freed memory. Same outputs up to float rounding; ``fast = False`` runs the
+        plain diffusers modules (the straightforward reference of ``make bench`` and the tests)."""
+        return bool(self.vae.fast)
+
+    @fast.setter
+    def fast(self, on: bool) -> None:
+        self.vae.fast = bool(on)
+        if self.pixel_decoder is not None:
+            self.pixel_decoder.fast = bool(on)
+
+    @property
+    def compile_decoders(self) -> bool:
+        """Whether the fast decoders (VAE decoder and D) also go through ``torch.compile`` (default
+        False: on CPU the convolutions dominate and it measured no gain; its first call compiles
+        for tens of seconds, and it falls back to eager with one line where compiling fails)."""
+        return bool(self.vae.compile_decoder)
+
+    @compile_decoders.setter
+    def compile_decoders(self, on: bool) -> None:
+        self.vae.compile_decoder = bool(on)
+        if self.pixel_decoder is not None:
+            self.pixel_decoder.compile_decoder = bool(on)
+
     # -- shared pieces ------------------------------------------------------------------------
     def check_images(self, images: Tensor) -> None:
         """Raise naming the expected size unless images is (N, 3, image_size, image_size)."""

@@ -16,7 +16,13 @@ from cheers_pl.components.flavor import Flavor
 
 
 class PixelDecoder(nn.Module):
-    """D: z_t (B, 4C, h, w) normalised latents -> pixels (B, 3, h*f, w*f). Trainable."""
+    """D: z_t (B, 4C, h, w) normalised latents -> pixels (B, 3, h*f, w*f). Trainable.
+
+    ``fast`` / ``compile_decoder``: as :class:`~cheers_pl.components.vae.FluxVAE`'s (the fast path by
+    default; ``fast = False`` runs the plain diffusers decoder, the reference)."""
+
+    fast: bool = True
+    compile_decoder: bool = False
 
     def __init__(self, decoder: nn.Module, post_quant_conv: nn.Module | None, bn: nn.BatchNorm2d):
         super().__init__()
@@ -37,7 +43,9 @@ class PixelDecoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         """z (B, 4C, h, w) -> (B, 3, H, W)."""
-        return vae_lib.decode_latents(self.post_quant_conv, self.decoder, self.bn, z)
+        return vae_lib.decode_latents(
+            self.post_quant_conv, self.decoder, self.bn, z, self.fast, self.compile_decoder
+        )
 
 
 def _build(cfg: vae_lib.VAEConfig) -> PixelDecoder:

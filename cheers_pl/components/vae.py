@@ -20,6 +20,7 @@ import torch
 from diffusers import AutoencoderKLFlux2
 from torch import Tensor, nn
 
+from cheers_pl.components import fast_conv
 from cheers_pl.components.flavor import Flavor, apply_overrides
 
 
@@ -58,7 +59,14 @@ class FluxVAE(nn.Module):
     Attributes:
         latent_channels: channels of z1 (4 x the VAE's latent channels; 128 at paper size).
         downsample: pixels per z1 position along a side (16 at paper size).
+        fast: run the encoder and decoder by :mod:`~cheers_pl.components.fast_conv` (channels-last,
+            the upsample as 2x2 convolutions, ...); same outputs up to float rounding. False: the
+            plain diffusers modules (the reference).
+        compile_decoder: also ``torch.compile`` the fast decoder (off: it did not pay off on CPU).
     """
+
+    fast: bool = True
+    compile_decoder: bool = False
 
     def __init__(self, vae: AutoencoderKLFlux2):
         super().__init__()
@@ -84,7 +92,14 @@ class FluxVAE(nn.Module):
         """images (B,3,H,W) -> z1 (B, latent_channels, H/downsample, W/downsample), posterior mean."""
         self.check_size(images)
         dtype = next(self.vae.parameters()).dtype
-        mean = self.vae.encode(images.to(dtype)).latent_dist.mean
+        images = images.to(dtype)
+        if self.fast and not self.vae.use_tiling:
+            moments = fast_conv.encoder_forward(self.vae.encoder, images)
+            if self.vae.quant_conv is not None:
+                moments = self.vae.quant_conv(moments)
+            mean = moments.chunk(2, dim=1)[0]
+        else:
+            mean = self.vae.encode(images).latent_dist.mean
         z = patchify(mean)
         mu, std = bn_stats(self.vae.bn, z)
         return (z - mu) / std
@@ -92,17 +107,33 @@ class FluxVAE(nn.Module):
     @torch.no_grad()
     def decode(self, z1: Tensor) -> Tensor:
         """z1 (B, latent_channels, h, w) -> images (B,3,h*downsample,w*downsample)."""
-        return decode_latents(self.vae.post_quant_conv, self.vae.decoder, self.vae.bn, z1)
+        return decode_latents(
+            self.vae.post_quant_conv, self.vae.decoder, self.vae.bn, z1, self.fast, self.compile_decoder
+        )
 
 
-def decode_latents(post_quant_conv: nn.Module | None, decoder: nn.Module, bn: nn.BatchNorm2d, z: Tensor):
-    """Undo ``bn``'s running stats, unpatchify, post-quant conv and decode: (B,4C,h,w) -> (B,3,H,W)."""
+def decode_latents(
+    post_quant_conv: nn.Module | None,
+    decoder: nn.Module,
+    bn: nn.BatchNorm2d,
+    z: Tensor,
+    fast: bool = False,
+    compile: bool = False,
+) -> Tensor:
+    """Undo ``bn``'s running stats, unpatchify, post-quant conv and decode: (B,4C,h,w) -> (B,3,H,W).
+
+    ``fast``: the decoder by :func:`fast_conv.decoder_forward` (a channels-last result, same values
+    up to float rounding); ``compile``: that, compiled with ``torch.compile``."""
     dtype = next(decoder.parameters()).dtype
     mu, std = bn_stats(bn, z)
     z = unpatchify(z * std + mu).to(dtype)
     if post_quant_conv is not None:
         z = post_quant_conv(z)
-    return decoder(z)
+    if not fast:
+        return decoder(z)
+    if compile:
+        return fast_conv.run_compiled(fast_conv.decoder_forward, id(decoder), decoder, z)
+    return fast_conv.decoder_forward(decoder, z)
 
 
 # ---------------------------------------------------------------------------------------------
