@@ -78,8 +78,9 @@ tb: setup ## TensorBoard on the run folder (RUNS=runs)
 bench-data: setup ## Data loader samples/s beside the raw decode-and-resize rate (demo shards)
 	$(BIN)/python benchmarks/bench_data.py
 
-bench: setup ## Model benchmarks: train step, sampler vs the reference, mask bytes, tokens/image
+bench: setup ## Model benchmarks: train step, sampler vs the reference, mask bytes, tokens/image; LoRA vs full stage IV
 	$(BIN)/python benchmarks/bench.py
+	CHEERS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_lora.py
 
 bench-gpu: setup ## GPU figures, paper size in bf16 on one GPU: step time, tokens/s, MFU, sampler s/image (ARGS=--json f)
 	$(BIN)/python benchmarks/gpu_figures.py $(ARGS)
