@@ -48,10 +48,13 @@ def image_extension(img: Image.Image) -> str:
 
 
 def to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
-    """(RGB image, what was repaired or None). 16-bit channels are scaled exactly to 8 bits."""
+    """(RGB image, what was repaired or None). 16-bit channels are scaled exactly to 8 bits; 8-bit
+    grayscale is not a repair (its three channels are the one, exactly)."""
     mode = img.mode
     if mode == "RGB":
         return img, None
+    if mode == "L":  # 8-bit grayscale: each value copied to R, G and B, nothing lost, no repair to count
+        return img.convert("RGB"), None
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
