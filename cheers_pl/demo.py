@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -154,6 +155,9 @@ def run_demo(
     from cheers_pl.eval.demo_eval import evaluate_demo, markdown
 
     torch.set_num_threads(1)  # tiny models: see tests/conftest.py for the measurement
+    # Lightning warns that EMAWeightAveraging cannot shard a model built in configure_model; the demo
+    # runs in one process with nothing sharded, so the EMA copy is a few MB (the warning stays for fits)
+    warnings.filterwarnings("ignore", message="You're using the WeightAveraging callback with a model")
     start, out_dir, data_dir = time.perf_counter(), Path(out), Path(data)
     if not demo_data_current(data_dir):
         from data_recipes.demo import main as build_demo
