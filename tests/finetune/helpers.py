@@ -2,47 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-from PIL import Image
 
 from cheers_pl.cli import main
 from cheers_pl.data.datamodule import CheersDataModule
-
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
-SHAPES = ("square", "stripe")
+from cheers_pl.finetune.example import write_example
 
 
 def own_photos(root: Path) -> Path:
-    """A folder of 16 small photos (4 colours x 2 shapes x 2) with ``captions.jsonl`` (imagefolder
-    recipe) and ``chats.jsonl`` (LLaVA records: "What colour is the shape?"); returns ``root``."""
-    rng = np.random.default_rng(0)
-    captions, chats = [], []
-    for color, rgb in COLORS.items():
-        for shape in SHAPES:
-            for k in range(2):
-                a = np.full((64, 64, 3), 245, np.uint8)
-                if shape == "square":
-                    a[16:48, 16:48] = rgb
-                else:
-                    a[:, 8 * (k + 1) : 8 * (k + 1) + 16] = rgb
-                a = np.clip(a.astype(int) + rng.integers(-10, 10, a.shape), 0, 255).astype(np.uint8)
-                rel = f"{color}/{shape}_{k}.png"
-                (root / "photos" / color).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(a).save(root / "photos" / rel)
-                captions.append({"image": rel, "caption": f"a {color} {shape} on white"})
-                turns = [
-                    {"from": "human", "value": "<image>\nWhat colour is the shape?"},
-                    {"from": "gpt", "value": f"It is {color}."},
-                ]
-                chats.append({"id": f"{color}-{shape}-{k}", "image": rel, "conversations": turns})
-    (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in captions))
-    (root / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chats))
-    return root
+    """The README's example own-data folder: 16 photos, ``captions.jsonl``, ``chats.jsonl``."""
+    return write_example(root)
 
 
 def own_shards(raw: Path, out: Path) -> Path:
