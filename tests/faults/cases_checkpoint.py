@@ -147,7 +147,9 @@ def missing_init_from(tmp: Path) -> Outcome:
     args = ["fit", "-c", str(REPO / "experiments/stage2_pretrain.yaml"), *TINY]
     result = cheers([*args, "--trainer.default_root_dir", str(tmp / "tiny" / "stage2")])
     return _refused(
-        result, str(tmp / "tiny" / "stage1" / "checkpoints" / "last.ckpt"), "make stage1 PRESET=tiny"
+        result,
+        str(tmp / "tiny" / "stage1" / "latest" / "checkpoints" / "last.ckpt"),
+        "make stage1 PRESET=tiny",
     )
 
 

@@ -49,6 +49,7 @@ def sigterm_fit(tmp: Path, devices: int = 2) -> tuple[int | None, int | None, st
     cmd = [sys.executable, "-m", "cheers_pl", "fit", "-c", "experiments/stage1_alignment.yaml"]
     cmd += ["-c", "experiments/tiny.yaml", "-c", str(_overlay(tmp, run)), "--data.root", str(data)]
     cmd += ["--trainer.default_root_dir", str(run), "--trainer.max_steps", "100000", "--data.batch_size", "2"]
+    cmd += ["--run_folder", "fixed"]  # checkpoints straight in run/ (versioned: tests/io/test_run_folder.py)
     cmd += ["--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto"]
     log_path = tmp / "fit.log"
     with open(log_path, "w") as log:
