@@ -364,6 +364,18 @@ def _parser(command: str, doc: str, items: str) -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace the outputs of an earlier run in --out"
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="run the VAE and D as the plain diffusers modules, not the CPU fast path (same outputs "
+        "within 1e-5; model.fast = False)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also torch.compile the VAE decoder and D (the first call compiles; falls back to eager "
+        "with one line where it cannot)",
+    )
     return parser
 
 
@@ -419,6 +431,8 @@ def _load(parser: argparse.ArgumentParser, args: argparse.Namespace):
         model = load_any(args.model, merge_lora=True).to(device).eval()
     except (ValueError, OSError, RuntimeError) as err:  # RuntimeError: an unknown --device
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    model.fast = not args.plain
+    model.compile_decoders = args.compile and not args.plain
     args.device = device
     return model
 

@@ -145,3 +145,15 @@ def test_allocator_tuning_is_once_and_optional(monkeypatch):
     monkeypatch.setenv("CHEERS_TUNE_MALLOC", "0")
     assert fast_conv.tune_cpu_allocator() is False
     assert fast_conv.tune_cpu_allocator() is False and fast_conv._TUNED == [False]
+
+
+def test_the_stage_modules_carry_the_switch():
+    from cheers_pl.stages import PretrainStage
+
+    plain = PretrainStage(spec=CheersSpec.tiny(), fast=False)
+    plain.configure_model()
+    assert not plain.model.fast and not plain.model.pixel_decoder.fast and not plain.model.vae.fast
+    default = PretrainStage(spec=CheersSpec.tiny())
+    default.configure_model()
+    assert default.model.fast and not default.model.compile_decoders
+    assert default.hparams["fast"] is True and plain.hparams["fast"] is False  # saved with the run

@@ -356,3 +356,25 @@ def test_generate_refuses_to_overwrite_earlier_images(exported, tmp_path, capsys
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.value.code == 2 and "00000_00.png" in line and "repro.json" in line and "--overwrite" in line
     assert inf.main_generate([*args, "--overwrite"]) == 0
+
+
+def test_plain_gives_the_fast_paths_images_and_reaches_the_model(exported, tmp_path, monkeypatch):
+    """``--plain`` (model.fast = False) and the default fast path write the same images (8-bit PNGs
+    of outputs within 1e-5); the flag reaches the loaded model's VAE and D."""
+    seen = []
+    load = inf._load
+
+    def spy(parser, args):
+        m = load(parser, args)
+        seen.append((m.fast, m.vae.fast, m.pixel_decoder.fast, m.compile_decoders))
+        return m
+
+    monkeypatch.setattr(inf, "_load", spy)
+    outs = []
+    for extra in ([], ["--plain"]):
+        out = tmp_path / ("plain" if extra else "fast")
+        args = ["--model", str(exported), "--prompt", "a cat", "--out", str(out), *FAST, *extra]
+        assert inf.main_generate(args) == 0
+        outs.append((out / "00000_00.png").read_bytes())
+    assert seen == [(True, True, True, False), (False, False, False, False)]
+    assert outs[0] == outs[1]

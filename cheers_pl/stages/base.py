@@ -71,6 +71,11 @@ class CheersModule(L.LightningModule):
             parameter names and checkpoints are unchanged). The first steps pay the compile.
         compile_options: keyword arguments of ``torch.compile`` for the head (``mode``,
             ``backend``, ``dynamic``, ...), e.g. ``{"mode": "max-autotune"}``.
+        fast: the VAE and the pixel decoder D on their CPU fast path
+            (:mod:`cheers_pl.components.fast_conv`; same outputs within 1e-5 in fp32). False: the
+            plain diffusers modules.
+        compile_decoders: also ``torch.compile`` the fast VAE decoder and D (the first call
+            compiles; measured no faster on CPU, so off by default).
         skip_nonfinite: skip an optimiser step whose loss or gradient is not finite: the
             gradients are dropped before the step, so no weight or optimiser state changes (the
             step counter and the LR schedule still advance, as with AMP's skipped steps). Each
@@ -109,6 +114,8 @@ class CheersModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         compile_head: bool = False,
         compile_options: dict | None = None,
+        fast: bool = True,
+        compile_decoders: bool = False,
         skip_nonfinite: bool = True,
         max_nonfinite_steps: int = 10,
         freeze: list[str] | None = None,
@@ -157,6 +164,7 @@ class CheersModule(L.LightningModule):
         self.weight_decay, self.betas, self.init_from = weight_decay, tuple(betas), init_from
         self.gradient_checkpointing = gradient_checkpointing
         self.compile_head, self.compile_options = compile_head, dict(compile_options or {})
+        self.fast, self.compile_decoders = bool(fast), bool(compile_decoders)
         self.skip_nonfinite, self.max_nonfinite_steps = skip_nonfinite, max_nonfinite_steps
         self.guard = RunGuard(collective_timeout_s, sigterm_grace_s)  # checks both values
         self.nonfinite = NonFiniteLedger()
@@ -185,6 +193,7 @@ class CheersModule(L.LightningModule):
         if self.model is not None:
             return
         self.model = CheersModel(self.spec)
+        self.model.fast, self.model.compile_decoders = self.fast, self.compile_decoders and self.fast
         if self.init_from is not None:
             report = self._load_init_from()
             for what, names in report.items():
