@@ -12,7 +12,8 @@ its commands use the kit's ``.venv/bin/`` prefix (no bare ``cheers`` / ``python`
 * *needs GPUs* and *about an hour* blocks are only checked for their tag and prefixes.
 
 ``.venv/bin/cheers`` commands run in this process through ``cheers_pl.cli.main`` (the script's
-own entry point, without paying the torch import for each); ``make`` lines run in a shell.
+own entry point, without paying the torch import for each); a ``make`` line runs the recipe
+``make -n`` prints, its ``cheers`` lines in this process too; the long blocks run in a shell.
 """
 
 from __future__ import annotations
@@ -103,6 +104,30 @@ def run_cheers(command: str, cwd: Path) -> tuple[int, str]:
     return code, buf.getvalue()
 
 
+def make_recipe(command: str, cwd: Path) -> list[str]:
+    """The commands ``command`` (a ``make`` line) would run (``make -n``; ``-o``: the set-up stamp
+    counts as made, so nothing is re-installed from a linked folder)."""
+    dry = run_shell(re.sub(r"^make ", "make -n -o .venv/.installed ", command), cwd, 60)[1]
+    return [line.strip() for line in dry.splitlines() if line.strip()]
+
+
+def run_command(command: str, cwd: Path) -> tuple[int, str]:
+    """A README command: ``.venv/bin/cheers`` in this process; a ``make`` line as the recipe lines
+    it would run, the ``cheers`` ones in this process too (stopping at the first failure)."""
+    if command.startswith(".venv/bin/cheers "):
+        return run_cheers(command, cwd)
+    if not command.startswith("make "):
+        return run_shell(command, cwd, 300)
+    out = ""
+    for line in make_recipe(command, cwd):
+        in_process = line.startswith(".venv/bin/cheers ")  # no variables set before it
+        code, text = run_cheers(line, cwd) if in_process else run_shell(line, cwd, 300)
+        out += text
+        if code != 0:
+            return code, out
+    return 0, out
+
+
 def run_shell(command: str, cwd: Path, timeout: float) -> tuple[int, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env["CHEERS_NUM_THREADS"] = "1"
@@ -173,10 +198,7 @@ def test_weights_commands_stop_in_one_clear_line(tmp_path):
     commands = [c for _, _, cs in blocks("weights") for c in cs]
     assert len(commands) >= 8
     for command in commands:
-        if command.startswith(".venv/bin/cheers "):
-            code, out = run_cheers(command, root)
-        else:  # make: never re-install from the linked folder (-o: the set-up stamp counts as made)
-            code, out = run_shell(re.sub(r"^make ", "make -o .venv/.installed ", command), root, 300)
+        code, out = run_command(command, root)
         lines = [line for line in out.splitlines() if not line.startswith("make: ***")]
         errors = [line for line in lines if ERROR_LINE.search(line)]
         assert code != 0, f"{command} succeeded without weights:\n{out[-2000:]}"
