@@ -146,6 +146,7 @@ class CheersCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         self._lock: RunLock | None = None
         self._run: tuple[Path, Path] | None = None  # (stage folder, run folder) of a versioned fit
+        self._run_started = False
         try:
             super().__init__(*args, **kwargs)
         except BaseException as err:
@@ -276,10 +277,17 @@ class CheersCLI(LightningCLI):
         stage, run, resumed, note = run_folder.choose_run_folder(root, cfg.get("ckpt_path"))
         run_folder.move_paths(cfg, Path(root), run)
         cfg.trainer.default_root_dir = str(run)
+        self._run, self._run_note = (stage, run), (resumed, note)
+
+    def before_fit(self) -> None:
+        """Create the run folder only now: a refusal while the classes are built leaves none."""
+        if self._run is None:
+            return
         if is_launching_process():
-            run_folder.start(stage, run, resumed)
+            resumed, note = self._run_note
+            run_folder.start(*self._run, resumed)
             print(f"cheers fit: {note}", file=sys.stderr)
-        self._run = (stage, run)
+        self._run_started = True
 
     def _end_run(self, error: BaseException | None) -> None:
         """After a versioned fit: ``latest`` -> the run when it finished, else keep (or, when it took
@@ -289,7 +297,7 @@ class CheersCLI(LightningCLI):
         stage, run = self._run
         self._run = None
         run_folder.end()
-        if not is_launching_process():
+        if not is_launching_process() or not self._run_started:
             return
         trainer = getattr(self, "trainer", None)
         step = int(getattr(trainer, "global_step", 0) or 0)

@@ -207,3 +207,11 @@ def test_versioned_search_looks_in_every_run_newest_first(tmp_path):
         versioned_folders([stage / "run-1" / "checkpoints"], stage / "run-1")[0]
         == stage / "run-2" / "checkpoints"
     )
+
+
+def test_a_refusal_while_the_classes_are_built_leaves_no_run_folder(demo, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        fit("stage1", tmp_path, demo, 1, "--data.image_size", "64")  # refused after instantiation
+    assert runs(tmp_path / "stage1") == []
+    err = capsys.readouterr().err
+    assert "data.image_size=64" in err and "run folder" not in err
