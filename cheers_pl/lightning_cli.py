@@ -20,7 +20,10 @@ a checkpoint of another stage, spec or data tasks than the config is refused nam
 run does not load ``init_from`` (the checkpoint's weights replace it). A missing ``init_from``
 names the ``make`` target that writes it; ``data.image_size`` must match the model's. ``fit``
 holds the run folder's lock (:mod:`cheers_pl.io.run_lock`): a second fit in the same
-``default_root_dir`` is refused naming the first one's pid.
+``default_root_dir`` is refused naming the first one's pid. ``run_folder: versioned`` (the stage
+YAMLs): each fresh fit writes into its own ``run-*`` folder of the stage folder and ``latest``
+names the last finished run (:mod:`cheers_pl.io.run_folder`); ``preset`` names the
+``runs/<preset>`` the stage YAMLs write under.
 """
 
 from __future__ import annotations
@@ -146,6 +149,7 @@ class CheersCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         self._lock: RunLock | None = None
         self._run: tuple[Path, Path] | None = None  # (stage folder, run folder) of a versioned fit
+        self._run_note: tuple[bool, str] = (False, "")  # (resumed, the line saying which folder)
         self._run_started = False
         try:
             super().__init__(*args, **kwargs)
