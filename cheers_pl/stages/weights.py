@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from cheers_pl.io.integrity import CheckpointCorruptError, load_checked
 from cheers_pl.io.sharded import is_sharded_checkpoint, read_sharded
@@ -57,25 +56,6 @@ def check_fit(
             f"{len(unexpected)} unexpected {unexpected[:5]}, {len(shapes)} of another shape {shaped}; "
             "was it trained with the same spec?"
         )
-
-
-def load_model_weights(
-    model: nn.Module,
-    path: str | Path,
-    allow_missing: tuple[str, ...] = (),
-    allow_unexpected: tuple[str, ...] = (),
-) -> dict[str, list[str]]:
-    """Load ``path``'s weights into ``model``, refusing any missing, unexpected or mis-shaped tensor.
-
-    ``allow_missing`` / ``allow_unexpected`` are name prefixes an ablation legitimately adds or
-    removes (a standard stage-I checkpoint starting a ``hfi: none`` run has gate weights the run
-    lacks); those are left at their initialisation / ignored and returned, never silently.
-    """
-    state = read_state_dict(path)
-    own = model.state_dict()
-    check_fit(own, state, path, allow_missing, allow_unexpected)
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    return {"kept_initial": sorted(set(own) - set(state)), "ignored": sorted(set(state) - set(own))}
 
 
 def producing_target(init_from: str | Path, class_path: str | None = None) -> str:
