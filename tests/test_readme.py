@@ -107,8 +107,11 @@ def run_cheers(command: str, cwd: Path) -> tuple[int, str]:
 def make_recipe(command: str, cwd: Path) -> list[str]:
     """The commands ``command`` (a ``make`` line) would run (``make -n``; ``-o``: the set-up stamp
     counts as made, so nothing is re-installed from a linked folder)."""
-    dry = run_shell(re.sub(r"^make ", "make -n -o .venv/.installed ", command), cwd, 60)[1]
-    return [line.strip() for line in dry.splitlines() if line.strip()]
+    dry = run_shell(re.sub(r"^make ", "make -n --no-print-directory -o .venv/.installed ", command), cwd, 60)[
+        1
+    ]
+    # under `make test` the inner make is recursive: drop its "make[1]: Entering directory" lines
+    return [line.strip() for line in dry.splitlines() if line.strip() and not line.startswith("make")]
 
 
 def run_command(command: str, cwd: Path) -> tuple[int, str]:
@@ -129,7 +132,8 @@ def run_command(command: str, cwd: Path) -> tuple[int, str]:
 
 
 def run_shell(command: str, cwd: Path, timeout: float) -> tuple[int, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    drop = ("PYTEST", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")  # a fresh shell, not a sub-make of make test
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env["CHEERS_NUM_THREADS"] = "1"
     proc = subprocess.run(
         ["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
