@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import sys
@@ -265,10 +266,20 @@ def _fast_tasks(model: CheersModel, fast: bool) -> dict[str, Callable[[], object
 
 def _dominant(fn: Callable[[], object], k: int = 2) -> str:
     """The ``k`` ops with the most self CPU time in one call of ``fn``, with their shares."""
-    from torch.profiler import profile
+    from torch.profiler import ProfilerActivity, profile
 
-    with profile() as prof:
-        fn()
+    # kineto writes profiler_start/stop and, on a CUDA build without a GPU, a gpuGetDeviceCount
+    # "ERROR" line straight to fd 2: silenced for the profiled call only
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     return ", ".join(f"{e.key.replace('aten::', '')} {e.self_cpu_time_total / total:.0%}" for e in events[:k])

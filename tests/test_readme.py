@@ -211,9 +211,14 @@ def test_weights_commands_stop_in_one_clear_line(tmp_path):
 
 
 @pytest.mark.readme
-def test_minutes_and_after_demo_blocks_run_in_a_fresh_copy(tmp_path):
-    """``make readme-check``: the long blocks, in README order, in a copy of the tracked files."""
-    root = tmp_path / "clone"
+def test_minutes_and_after_demo_blocks_run_in_a_fresh_copy():
+    """``make readme-check``: the long blocks, in README order, in a copy of the tracked files.
+
+    The copy is not under pytest's ``tmp_path``: another pytest session started meanwhile (the
+    suite, say) prunes older ``tmp_path`` folders, and did so under a running ``make bench``."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="cheers-readme-check-")) / "clone"
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
     for name in files.stdout.splitlines():
         if (REPO / name).is_file():
@@ -234,3 +239,4 @@ def test_minutes_and_after_demo_blocks_run_in_a_fresh_copy(tmp_path):
             ran.append(command)
     print("\n".join(ran), file=sys.stderr)
     assert any(c.startswith("make demo") for c in ran)
+    shutil.rmtree(root.parent)  # kept when a block failed, to look at
