@@ -34,7 +34,7 @@ setup: $(STAMP) ## Create .venv and install the pinned requirements and the kit 
 test: setup ## Run the test suite (installs first)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-readme-check: setup ## Run the README's CPU blocks that take minutes, in a fresh copy (~25 min)
+readme-check: setup ## Run the README's CPU blocks that take minutes, in a fresh copy (~40 min on 2 cores)
 	CHEERS_NUM_THREADS=1 $(BIN)/python -m pytest -m readme -s tests/test_readme.py $(PYTEST_ARGS)
 
 lint: setup ## ruff check and format check

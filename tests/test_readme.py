@@ -8,7 +8,7 @@ its commands use the kit's ``.venv/bin/`` prefix (no bare ``cheers`` / ``python`
   line and no traceback, in a folder without weights;
 * *runs on CPU (minutes)* and *after `make demo`* blocks run in a temporary copy of the
   repository, in README order (``make demo`` first), under the ``readme`` mark: ``make
-  readme-check`` (about 25 minutes; ``make test`` itself is not rerun from inside the suite);
+  readme-check`` (about 40 minutes on 2 cores; ``make test`` itself is not rerun from inside the suite);
 * *needs GPUs* and *about an hour* blocks are only checked for their tag and prefixes.
 
 ``.venv/bin/cheers`` commands run in this process through ``cheers_pl.cli.main`` (the script's
