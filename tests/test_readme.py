@@ -9,7 +9,8 @@ its commands use the kit's ``.venv/bin/`` prefix (no bare ``cheers`` / ``python`
 * *runs on CPU (minutes)* and *after `make demo`* blocks run in a temporary copy of the
   repository, in README order (``make demo`` first), under the ``readme`` mark: ``make
   readme-check`` (about 40 minutes on 2 cores; ``make test`` itself is not rerun from inside the suite);
-* *needs GPUs* and *about an hour* blocks are only checked for their tag and prefixes.
+* the kit's own commands of the *needs GPUs* blocks must stop like the *weights* ones here; the
+  rest of those (srun, torchrun) and the *about an hour* block are checked for tag and prefix only.
 
 ``.venv/bin/cheers`` commands run in this process through ``cheers_pl.cli.main`` (the script's
 own entry point, without paying the torch import for each); a ``make`` line runs the recipe
@@ -198,9 +199,15 @@ def test_the_python_snippet_runs(tmp_path):
 
 
 def test_weights_commands_stop_in_one_clear_line(tmp_path):
+    """Also the kit's own commands of the GPU blocks (not srun / torchrun / ``python -c``): on this
+    machine, without weights, each must stop the same way."""
     root = workdir(tmp_path)
     commands = [c for _, _, cs in blocks("weights") for c in cs]
     assert len(commands) >= 8
+    kit = (".venv/bin/cheers ", ".venv/bin/python -m cheers_pl")
+    gpu = [c for _, _, cs in blocks("gpu") for c in cs if c.startswith(kit)]
+    assert len(gpu) >= 5
+    commands += gpu
     for command in commands:
         code, out = run_command(command, root)
         lines = [line for line in out.splitlines() if not line.startswith("make: ***")]

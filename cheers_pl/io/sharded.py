@@ -128,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="the file to write (default: FOLDER.consolidated)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
-    print(consolidate(args.folder, args.out, overwrite=args.overwrite))
+    try:
+        print(consolidate(args.folder, args.out, overwrite=args.overwrite))
+    except (FileNotFoundError, FileExistsError, ValueError) as err:  # one line naming the path
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     return 0
 
 
