@@ -4,6 +4,7 @@ specs that match nothing at setup, a DataLoader worker that dies; and exact resu
 import itertools
 import os
 import pickle
+import re
 import shutil
 import signal
 import threading
@@ -121,7 +122,9 @@ def test_when_every_task_is_gone_the_run_stops_with_a_clear_error(model, shards,
     text = str(err.value)
     assert "no task of the mixture has a readable sample left" in text
     assert "understanding" in text and "text" in text and "missing_shard" in text, text
-    assert "understanding-000000.tar" in text  # the shard lists' status, file by file
+    # the shard lists' status, file by file: with 2 workers the one that stops first names only its
+    # own share of the shards (which share: a race), so any shard file of the two tasks
+    assert re.search(r"(understanding|text)-\d{6}\.tar", text), text
 
 
 # -- shards that are cut -------------------------------------------------------------------------------
