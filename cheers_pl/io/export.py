@@ -48,7 +48,7 @@ from cheers_pl import __version__
 from cheers_pl.io.integrity import check as check_integrity
 from cheers_pl.io.sharded import is_sharded_checkpoint, read_sharded
 from cheers_pl.spec import CheersSpec, ComponentSpec
-from cheers_pl.stages.weights import check_fit
+from cheers_pl.stages.weights import check_fit, model_state, read_checkpoint
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -369,29 +369,6 @@ def _read_checkpoint(path: Path) -> Any:
     return ckpt
 
 
-def _read_training_checkpoint(path: Path) -> dict:
-    """A checkpoint as :func:`cheers_pl.stages.weights.read_state_dict` reads it (same errors: the
-    integrity hash checked, code refused), but whole: a LoRA one's record is needed too."""
-    from cheers_pl.io.integrity import CheckpointCorruptError, load_checked
-
-    if is_sharded_checkpoint(path):
-        ckpt = read_sharded(path)
-    elif path.is_file():
-        try:
-            ckpt = load_checked(path)
-        except CheckpointCorruptError:
-            raise
-        except Exception as err:  # a pickled object weights_only refuses, a corrupt or foreign file
-            raise ValueError(
-                f"{path} cannot be read as a checkpoint with weights_only=True ({type(err).__name__}: {err})"
-            ) from None
-    else:
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} holds {type(ckpt).__name__}, not a checkpoint dict")
-    return ckpt
-
-
 def load_checkpoint(path: str | Path, base: str | Path | None = None, merge_lora: bool = False):
     """A Lightning checkpoint of any stage: the spec in ``hyper_parameters``, the ``model.*`` tensors;
     a LoRA checkpoint: its base with the adapters (:func:`load_lora_checkpoint`)."""
@@ -461,11 +438,10 @@ def read_model_state(path: str | Path) -> dict[str, Tensor]:
         return _exported_spec_and_state(path)[1]
     if kind == "converted":
         return load_file(str(path / CONVERTED_WEIGHTS))
-    ckpt = _read_training_checkpoint(path)
+    ckpt = read_checkpoint(path)
     if LORA_KEY in ckpt:
         return base_state(load_lora_checkpoint(ckpt, path, merge_lora=True))
-    state = ckpt.get("state_dict", ckpt)
-    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")} or state
+    return model_state(ckpt)
 
 
 def build_and_load(spec: dict[str, Any] | CheersSpec, state: dict[str, Tensor], source: str | Path):

@@ -17,6 +17,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The CheersModel state dict in a Lightning checkpoint (``torch.load(weights_only=True)``, its
     integrity hash checked: :func:`cheers_pl.io.integrity.load_checked`): a file, or the folder of
     a sharded (FSDP) checkpoint, gathered into one state in CPU memory."""
+    return model_state(read_checkpoint(path))
+
+
+def model_state(ckpt: dict) -> dict[str, torch.Tensor]:
+    """The CheersModel tensors of a checkpoint dict (``model.`` stripped), or a bare state as it is."""
+    state = ckpt.get("state_dict", ckpt)
+    return {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)} or state
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The whole checkpoint dict of :func:`read_state_dict` (same checks and errors)."""
     path = Path(path)
     if is_sharded_checkpoint(path):
         ckpt = read_sharded(path)
@@ -33,8 +44,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no checkpoint at {path}")
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds {type(ckpt).__name__}, not a checkpoint dict")
-    state = ckpt.get("state_dict", ckpt)
-    return {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)} or state
+    return ckpt
 
 
 def check_fit(
