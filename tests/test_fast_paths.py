@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from cheers_pl.components import fast_conv
-from cheers_pl.model import CheersModel
 from cheers_pl.smoke import mixed_batch
 from cheers_pl.spec import CheersSpec
-from tests.helpers import randomize_zero_inits
+from tests.helpers import tiny_random_model
 
 EPS = 1e-5
 
@@ -30,11 +29,7 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    m = CheersModel(CheersSpec.tiny())
-    randomize_zero_inits(m)
-    return m.eval()
+    return tiny_random_model()
 
 
 @pytest.fixture

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from cheers_pl import flow
-from cheers_pl.model import CheersModel, generate_reference
-from cheers_pl.spec import CheersSpec
-from tests.helpers import randomize_zero_inits
+from cheers_pl.model import generate_reference
+from tests.helpers import tiny_random_model
 
 PROMPTS = ["a cup of coffee", "a photo of a cat sitting on a red sofa"]  # different lengths
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -14,11 +13,7 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    m = CheersModel(CheersSpec.tiny())
-    randomize_zero_inits(m)
-    return m.eval()
+    return tiny_random_model()
 
 
 def _gen(model, **kw):
