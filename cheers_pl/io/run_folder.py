@@ -215,7 +215,8 @@ def finish(stage: Path, run: Path, global_step: int) -> str:
 
 
 def has_checkpoint(run: Path) -> bool:
-    return run.is_dir() and any(p.suffix == ".ckpt" for p in run.rglob("*.ckpt"))
+    """Whether ``run`` holds a checkpoint (a ``.ckpt`` file, or a sharded ``.ckpt`` folder)."""
+    return run.is_dir() and any(run.rglob("*.ckpt"))
 
 
 def fail(run: Path, global_step: int, error: BaseException) -> str:
